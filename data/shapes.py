@@ -1,0 +1,208 @@
+"""The shapes world: a CLEVR in miniature that every idea trains on offline.
+
+A scene is 1 to `max_objects` coloured shapes placed on the cells of a `grid` x `grid` layout of a
+square canvas, drawn with pillow at 4x and box-filtered down (antialiased, and the background stays
+exactly uniform, so no ringing turns into a target for MAE's per-patch normalised loss). Each scene
+is a pure function of (seed, split, index): the same pixels, caption and questions whatever the
+batch order, the number of workers or the DDP rank.
+
+The world carries a language prior on purpose, the raw material of object hallucination: shape
+frequencies are skewed (`skew`) and some shapes pull in a partner (`cooccur`: a circle brings a
+square, a triangle a star, a diamond a cross). The `ood` split draws scenes with both biases
+broken, so a model that leans on the prior instead of the pixels shows it there.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLOURS = {"red": (220, 50, 47), "green": (60, 180, 75), "blue": (45, 100, 230),
+           "yellow": (235, 205, 40), "purple": (150, 70, 200), "cyan": (40, 200, 210)}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = ("small", "large")
+PARTNER = {0: 1, 1: 0, 2: 4, 4: 2, 3: 5, 5: 3}  # circle<->square, triangle<->star, diamond<->cross
+SPLITS = {"train": 0, "val": 1, "test": 2, "ood": 3}
+BACKGROUND = (24, 24, 32)
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CACHE_DIR = Path(__file__).parent / "cache"
+
+
+@dataclass(frozen=True)
+class World:
+    img_size: int = 64
+    grid: int = 3
+    max_objects: int = 4
+    skew: float = 0.5      # shape k is drawn with weight 1/(k+1)**skew; 0 = uniform
+    cooccur: float = 0.5   # chance that a new object is the partner of a shape already present
+    seed: int = 0
+
+    def for_split(self, split):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        return replace(self, skew=0.0, cooccur=0.0) if split == "ood" else self
+
+
+def position_name(cell, grid=3):
+    row, col = divmod(cell, grid)
+    rows = ("top", "middle", "bottom") if grid == 3 else [f"row {r + 1}" for r in range(grid)]
+    cols = ("left", "center", "right") if grid == 3 else [f"column {c + 1}" for c in range(grid)]
+    if grid == 3 and row == 1:
+        return "center" if col == 1 else cols[col]
+    if grid == 3 and col == 1:
+        return rows[row]
+    return f"{rows[row]} {cols[col]}"
+
+
+def sample_scene(world, split, index):
+    """-> int array (n, 4): one row (shape, colour, size, cell) per object, in reading order."""
+    w = world.for_split(split)
+    rng = np.random.default_rng([w.seed, SPLITS[split], index])
+    n = int(rng.integers(1, w.max_objects + 1))
+    p = 1.0 / np.arange(1, len(SHAPES) + 1) ** w.skew
+    p /= p.sum()
+    shapes = []
+    for _ in range(n):
+        partners = [PARTNER[s] for s in shapes if PARTNER[s] not in shapes]
+        if partners and rng.random() < w.cooccur:
+            shapes.append(partners[0])
+        else:
+            shapes.append(int(rng.choice(len(SHAPES), p=p)))
+    cells = rng.choice(w.grid * w.grid, size=n, replace=False)
+    colours = rng.integers(0, len(COLOURS), size=n)
+    sizes = rng.integers(0, len(SIZES), size=n)
+    objs = np.stack([np.array(shapes), colours, sizes, cells], axis=1)
+    return objs[np.argsort(objs[:, 3])]
+
+
+def _outline(shape, cx, cy, r):
+    if shape == "square":
+        r *= 0.82
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + 0.93 * r, cy + 0.75 * r), (cx - 0.93 * r, cy + 0.75 * r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "star":
+        a = np.pi / 2 + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        return list(zip(cx + rad * np.cos(a), cy - rad * np.sin(a)))
+    if shape == "cross":
+        t = 0.33 * r
+        pts = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r),
+               (-t, -r), (-t, -t), (-r, -t), (-r, t), (-t, t), (-t, r)]
+        return [(cx + x, cy + y) for x, y in pts]
+    raise ValueError(shape)
+
+
+def render(world, objs, scale=4):
+    """-> uint8 (H, W, 3): the scene drawn at `scale`x and box-filtered down."""
+    S = world.img_size * scale
+    img = Image.new("RGB", (S, S), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = S / world.grid
+    for shape, colour, size, pos in objs.tolist():
+        row, col = divmod(pos, world.grid)
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        r = cell * (0.42 if size == 1 else 0.25)
+        fill = COLOURS[COLOUR_NAMES[colour]]
+        if SHAPES[shape] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_outline(SHAPES[shape], cx, cy, r), fill=fill)
+    return np.asarray(img.resize((world.img_size,) * 2, Image.BOX))
+
+
+def describe(obj):
+    shape, colour, size, _ = obj
+    return f"{SIZES[size]} {COLOUR_NAMES[colour]} {SHAPES[shape]}"
+
+
+def caption(objs):
+    """'a large red circle, a small blue square and a large green triangle' (reading order)."""
+    parts = [f"a {describe(o)}" for o in objs.tolist()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def questions(world, split, index, objs):
+    """-> list of (kind, question, answer); existence questions are balanced yes/no."""
+    rng = np.random.default_rng([world.seed, SPLITS[split], index, 1])
+    shapes, colours = objs[:, 0].tolist(), objs[:, 1].tolist()
+    absent = [s for s in range(len(SHAPES)) if s not in shapes]
+    qa = []
+    if rng.random() < 0.5 or not absent:
+        qa.append(("exist", f"is there a {SHAPES[int(rng.choice(shapes))]}?", "yes"))
+    else:
+        qa.append(("exist", f"is there a {SHAPES[int(rng.choice(absent))]}?", "no"))
+    unique_shape = [o for o in objs.tolist() if shapes.count(o[0]) == 1]
+    if unique_shape:
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
+        qa.append(("colour", f"what colour is the {SHAPES[o[0]]}?", COLOUR_NAMES[o[1]]))
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
+        qa.append(("position", f"where is the {SHAPES[o[0]]}?", position_name(o[3], world.grid)))
+    unique_colour = [o for o in objs.tolist() if colours.count(o[1]) == 1]
+    if unique_colour:
+        o = unique_colour[int(rng.integers(len(unique_colour)))]
+        qa.append(("shape", f"what shape is the {COLOUR_NAMES[o[1]]} object?", SHAPES[o[0]]))
+    if rng.random() < 0.5:
+        qa.append(("count", "how many objects are there?", NUMBERS[len(objs)]))
+    else:
+        s = int(rng.integers(len(SHAPES)))
+        qa.append(("count", f"how many {SHAPES[s]}s are there?", NUMBERS[shapes.count(s)]))
+    return qa
+
+
+class ShapesSplit:
+    """A rendered split held as uint8 arrays, cached on disk (memmap) on first use.
+
+    images: (N, H, W, 3) uint8; objects: (N, max_objects, 4) int16, rows of -1 after the last object.
+    """
+
+    def __init__(self, world, split, n, cache_dir=CACHE_DIR, verbose=True):
+        self.world, self.split, self.n = world, split, n
+        world.for_split(split)  # validates the split name
+        key = hashlib.sha1(json.dumps([asdict(world), split, n, 1]).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"shapes_{split}_{n}_{key}"
+        if not (path.with_suffix(".img.npy").exists() and path.with_suffix(".obj.npy").exists()):
+            self._build(path, verbose)
+        self.images = np.load(path.with_suffix(".img.npy"), mmap_mode="r")
+        self.objects = np.load(path.with_suffix(".obj.npy"))
+
+    def _build(self, path, verbose):
+        w = self.world
+        imgs = np.empty((self.n, w.img_size, w.img_size, 3), np.uint8)
+        objs = np.full((self.n, w.max_objects, 4), -1, np.int16)
+        for i in range(self.n):
+            o = sample_scene(w, self.split, i)
+            imgs[i], objs[i, :len(o)] = render(w, o), o
+            if verbose and (i + 1) % 2000 == 0:
+                print(f"rendering shapes/{self.split}: {i + 1}/{self.n}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for arr, suffix in ((imgs, ".img.npy"), (objs, ".obj.npy")):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: ranks may race here
+            np.save(tmp, arr)
+            os.replace(tmp, path.with_suffix(suffix))
+
+    def __len__(self):
+        return self.n
+
+    def scene(self, i):
+        o = self.objects[i]
+        return o[o[:, 0] >= 0]
+
+    def caption(self, i):
+        return caption(self.scene(i))
+
+    def questions(self, i):
+        return questions(self.world, self.split, i, self.scene(i))
+
+    def presence(self, column, k):
+        """-> float (N, k): multi-hot of which shapes (column 0) or colours (column 1) appear."""
+        out = np.zeros((self.n, k), np.float32)
+        rows, slots = np.nonzero(self.objects[:, :, 0] >= 0)
+        out[rows, self.objects[rows, slots, column]] = 1
+        return out
