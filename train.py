@@ -85,9 +85,7 @@ def parse_overrides(args, *config_classes):
     for arg in args:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"{arg}: write overrides as --key=value")
-            pairs.append((key, value))
+            pairs.append((key, value if eq else None))  # a bare --flag means true
         else:  # a config file: one `key = value` a line, '#' starts a comment
             if not os.path.isfile(arg):
                 raise UserError(f"config file not found: {arg}")
@@ -104,7 +102,9 @@ def parse_overrides(args, *config_classes):
             close = difflib.get_close_matches(key, types, n=1)
             hint = f"; did you mean --{close[0]}?" if close else ""
             raise UserError(f"unknown config key --{key}{hint}")
-        out[key] = convert(key, value, types[key])
+        if value is None and types[key] is not bool:
+            raise UserError(f"--{key}: write overrides as --key=value")
+        out[key] = True if value is None else convert(key, value, types[key])
     return out
 
 
@@ -184,7 +184,7 @@ def peak_flops(device_type):
         table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12,
                  "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12}
         return next((v for k, v in table.items() if k in name), None)
-    a = torch.randn(512, 512, device=device_type)
+    a = torch.full((512, 512), 0.5, device=device_type)  # not randn: training's RNG stays untouched
     (a @ a).sum().item()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.2:
@@ -257,7 +257,11 @@ def train(idea, tc, mc, module, resume_ckpt=None):
         log(f"device {device}, dtype {str(dtype).split('.')[-1]}, world size {world}")
 
     torch.manual_seed(tc.seed + rank)
+    if ddp and not master:
+        dist.barrier()  # rank 0 renders and caches the data first; the others then read its cache
     data = module.Data(mc, seed=tc.seed, verbose=master)
+    if ddp and master:
+        dist.barrier()
     model = module.Model(mc).to(device)
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on biases and norms (1-D)

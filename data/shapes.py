@@ -13,8 +13,11 @@ broken, so a model that leans on the prior instead of the pixels shows it there.
 """
 import hashlib
 import json
+import multiprocessing
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,11 @@ def questions(world, split, index, objs):
     return qa
 
 
+def _scene(world, split, index):
+    objs = sample_scene(world, split, index)
+    return render(world, objs), objs
+
+
 class ShapesSplit:
     """A rendered split held as uint8 arrays, cached on disk (memmap) on first use.
 
@@ -176,11 +184,14 @@ class ShapesSplit:
         w = self.world
         imgs = np.empty((self.n, w.img_size, w.img_size, 3), np.uint8)
         objs = np.full((self.n, w.max_objects, 4), -1, np.int16)
-        for i in range(self.n):
-            o = sample_scene(w, self.split, i)
-            imgs[i], objs[i, :len(o)] = render(w, o), o
-            if verbose and (i + 1) % 2000 == 0:
-                print(f"rendering shapes/{self.split}: {i + 1}/{self.n}", flush=True)
+        workers = min(os.cpu_count() or 1, 8) if self.n >= 4000 else 1
+        with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+            work = partial(_scene, w, self.split)
+            scenes = pool.imap(work, range(self.n), chunksize=64) if pool else map(work, range(self.n))
+            for i, (img, o) in enumerate(scenes):
+                imgs[i], objs[i, :len(o)] = img, o
+                if verbose and (i + 1) % 5000 == 0:
+                    print(f"rendering shapes/{self.split}: {i + 1}/{self.n}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         for arr, suffix in ((imgs, ".img.npy"), (objs, ".obj.npy")):
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: ranks may race here

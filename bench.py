@@ -1,0 +1,139 @@
+"""Speed, measured side by side in one run: `python bench.py mae [--steps=N]`.
+
+Absolute times on shared machines are noisy; the ratios in one run are what to read. Each
+training configuration runs in a fresh process, so its peak memory is its own.
+"""
+import multiprocessing as mp
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from data import UserError
+from train import config_help, parse_overrides, pick_device
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 10        # timed training steps per row (after 2 warm-up steps)
+    device: str = "auto"
+
+
+def time_steps(model, make_batch, steps, forward=None):
+    """Median seconds per training step (forward, backward, AdamW)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = forward or (lambda b: model(b)[0])
+    times = []
+    for i in range(steps + 2):
+        batch = make_batch(i)
+        t0 = time.perf_counter()
+        forward(batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def train_row(args):
+    """In a fresh process: (items/s, peak memory MiB) of training one config."""
+    idea, cfg, batch_size, steps, device = args
+    torch.manual_seed(0)
+    module = __import__(idea)
+    model = module.Model(cfg).to(device)
+    data = module.Data(cfg, verbose=False)
+    dt = time_steps(model, lambda i: data.batch("train", i, batch_size, device), steps)
+    items = data.items(data.batch("train", 0, batch_size, device))
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    return items / dt, peak
+
+
+def in_fresh_process(fn, args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (args,))
+
+
+def forward_mask_tokens_in_encoder(model, imgs):
+    """The design MAE argues against: every patch enters the encoder, removed ones as a mask token
+    (SimMIM/BEiT style). Same loss, same decoder (with nothing left to insert)."""
+    from mae import patchify, random_masking
+    enc = model.encoder
+    x = enc.patch_embed(patchify(imgs, enc.p))  # (N, L, D)
+    N, L, D = x.shape
+    _, mask, _ = random_masking(x, model.cfg.mask_ratio)
+    x = torch.where(mask.bool().unsqueeze(-1), model.encoder_mask_token.expand(N, L, D), x)
+    x = torch.cat([enc.cls_token.expand(N, -1, -1), x], dim=1) + enc.pos_embed  # (N, 1+L, D)
+    for blk in enc.blocks:
+        x = blk(x)
+    pred = model.forward_decoder(enc.norm(x), torch.arange(L, device=x.device).expand(N, L))
+    return model.forward_loss(imgs, pred, mask).mean()
+
+
+def bench_mae(bc):
+    import mae
+    from data.shapes import World, render, sample_scene
+    device = pick_device(bc.device)
+    default = mae.Config()
+    larger = replace(default, n_layer=6, n_embd=192, n_head=6, decoder_n_layer=4, decoder_n_embd=128)
+    bs = mae.train_defaults["batch_size"]
+    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
+    print(f"{'config':<44}{'train images/s':>16}{'peak MiB':>10}")
+    for name, cfg in (("default (4x128, decoder 2x64, 64px/8)", default),
+                      ("larger (6x192, decoder 4x128, 64px/8)", larger)):
+        ips, peak = in_fresh_process(train_row, ("mae", cfg, bs, bc.steps, device))
+        print(f"{name:<44}{ips:>16,.0f}{peak:>10,.0f}")
+        if name.startswith("default"):
+            step_ips = ips
+
+    torch.manual_seed(0)
+    data = mae.Data(default, verbose=False)
+    batches = [data.batch("train", i, bs, device) for i in range(bc.steps + 2)]
+    print("\nasymmetric encoder vs mask tokens in the encoder (same model, 75% masking):")
+    for name, cfg in (("default", default), ("larger", larger)):
+        model = mae.MAE(cfg).to(device)
+        model.encoder_mask_token = torch.nn.Parameter(torch.zeros(1, 1, cfg.n_embd, device=device))
+        t_sym = time_steps(model, batches.__getitem__, bc.steps,
+                           lambda b: forward_mask_tokens_in_encoder(model, b))
+        t_asym = time_steps(model, batches.__getitem__, bc.steps)
+        print(f"  {name:<10} asymmetric {1000 * t_asym:7.1f} ms/step | mask tokens in encoder "
+              f"{1000 * t_sym:7.1f} ms/step | speed-up {t_sym / t_asym:.2f}x")
+
+    n = 20 * bs
+    t0 = time.perf_counter()
+    for i in range(0, n, bs):
+        data.batch("train", i // bs, bs, device)
+    cached = n / (time.perf_counter() - t0)
+    world = World()
+    t0 = time.perf_counter()
+    for i in range(200):
+        render(world, sample_scene(world, "train", i))
+    rendered = 200 / (time.perf_counter() - t0)
+    print("\ndata throughput vs training throughput (default config):")
+    print(f"  cached batches   {cached:>10,.0f} images/s = {cached / step_ips:6.1f}x the training step")
+    print(f"  render on the fly{rendered:>10,.0f} images/s = {rendered / step_ips:6.1f}x the training step "
+          f"(one process; the cache is built once per split)")
+
+
+BENCHES = {"mae": bench_mae}
+
+
+def main(argv):
+    if not argv or argv[0] not in BENCHES or "-h" in argv or "--help" in argv:
+        if argv and argv[0] not in ("-h", "--help") and argv[0] not in BENCHES:
+            raise UserError(f"no benchmark for {argv[0]!r}; choose from {', '.join(BENCHES)}")
+        print("usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES))
+        print(config_help(BenchConfig))
+        return
+    BENCHES[argv[0]](BenchConfig(**parse_overrides(argv[1:], BenchConfig)))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

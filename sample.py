@@ -1,0 +1,112 @@
+"""Look at what a trained model does: `python sample.py mae|mlm|vlm [--key=value ...]`.
+
+mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
+     original | masked | reconstruction | reconstruction with the visible patches pasted back,
+     and the masked-patch loss of each image printed.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import UserError
+from train import config_help, load_checkpoint, load_idea, parse_overrides, pick_device
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = ""              # where the checkpoint is; default out-<idea>
+    ckpt: str = "ckpt_best.pt"     # or ckpt.pt, the latest
+    device: str = "auto"
+    seed: int = 0
+    n: int = 8                     # how many held-out examples
+    image: str = ""                # mae: your own image file(s), comma-separated
+    mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
+
+
+def load_model(idea, sc):
+    """-> (module, model in eval mode on its device, its Config, the checkpoint)."""
+    module = load_idea(idea)
+    ckpt = load_checkpoint(Path(sc.out_dir or f"out-{idea}") / sc.ckpt, idea)
+    cfg = module.Config(**ckpt["config"]["model"])
+    device = pick_device(sc.device)
+    model = module.Model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return module, model.to(device).eval(), cfg, ckpt
+
+
+@torch.no_grad()
+def sample_mae(sc):
+    from data.images import load_image
+    from mae import patchify, to_tensor, unpatchify
+    module, model, cfg, ckpt = load_model("mae", sc)
+    device = next(model.parameters()).device
+    if sc.image:
+        paths = sc.image.split(",")
+        images = np.stack([load_image(p, cfg.img_size) for p in paths])
+        names = [Path(p).name for p in paths]
+    else:
+        data = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+        images = data.images["val"][:sc.n]
+        names = [f"val {i}" for i in range(len(images))]
+    imgs = to_tensor(images, device)  # (N, 3, H, W)
+    torch.manual_seed(sc.seed)
+    ratio = cfg.mask_ratio if sc.mask_ratio < 0 else sc.mask_ratio
+    latent, mask, ids_restore = model.encoder(imgs, ratio, cfg.masking)
+    pred = model.forward_decoder(latent, ids_restore)  # (N, L, p*p*3)
+    loss = model.forward_loss(imgs, pred, mask)  # (N,)
+    p = cfg.patch_size
+    target = patchify(imgs, p)
+    if cfg.norm_pix_loss:  # back to pixels with each patch's own statistics, as the MAE demo does
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask.unsqueeze(-1)  # (N, L, 1)
+    panels = {"original": imgs, "masked": unpatchify(target * (1 - m) + 0.3 * m, p),
+              "reconstruction": unpatchify(pred, p),
+              "reconstruction + visible": unpatchify(target * (1 - m) + pred * m, p)}
+    for name, l in zip(names, loss.tolist()):
+        print(f"{name}: masked-patch loss {l:.4f}")
+    print(f"mean masked-patch loss {loss.mean().item():.4f} at mask ratio {ratio} ({cfg.masking})")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    N = len(names)
+    fig, axes = plt.subplots(N, 4, figsize=(8, 2 * N + 0.4), squeeze=False)
+    for r in range(N):
+        for c, (title, x) in enumerate(panels.items()):
+            ax = axes[r, c]
+            ax.imshow(((x[r].permute(1, 2, 0).cpu().float() + 1) / 2).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        axes[r, 0].set_ylabel(f"{names[r]}\nloss {loss[r]:.3f}", fontsize=8)
+    fig.tight_layout()
+    out = Path(sc.out_dir or "out-mae") / "sample_mae.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+SAMPLERS = {"mae": sample_mae}
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help") or "-h" in argv or "--help" in argv:
+        print("usage: python sample.py IDEA [--key=value ...]   IDEA: " + ", ".join(SAMPLERS))
+        print(config_help(SampleConfig))
+        return
+    idea = argv[0]
+    if idea not in SAMPLERS:
+        load_idea(idea)  # the clear error for a misspelt idea
+        raise UserError(f"sample.py has no sampler for {idea!r} yet")
+    SAMPLERS[idea](SampleConfig(**parse_overrides(argv[1:], SampleConfig)))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mae
+from data import UserError
+from train import TrainConfig, build_configs, load_checkpoint, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--decoder_n_layer=1", "--decoder_n_embd=32",
+        "--decoder_n_head=2", "--img_size=32", "--n_train=256", "--n_val=64", "--batch_size=8",
+        "--eval_iters=2", "--warmup_iters=2"]
+
+
+def run(*args, check=True, env=None):
+    """Run a script of the repo in a fresh process; -> CompletedProcess with text output."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and p.returncode:
+        raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def test_overrides_are_typed():
+    o = parse_overrides(["--lr=1", "--compile=TRUE", "--max_iters=7", "--masking=grid", "--norm_pix_loss=0"],
+                        TrainConfig, mae.Config)
+    assert o == {"lr": 1.0, "compile": True, "max_iters": 7, "masking": "grid", "norm_pix_loss": False}
+    assert type(o["lr"]) is float
+    assert parse_overrides(["--compile"], TrainConfig) == {"compile": True}
+    for bad, msg in (["--max_iters=1.5", "expected int"], ["--compile=maybe", "expected bool"],
+                     ["--lr=fast", "expected float"], ["--max_iters", "--key=value"]):
+        with pytest.raises(UserError, match=msg):
+            parse_overrides([bad], TrainConfig)
+    with pytest.raises(UserError, match="did you mean --max_iters"):
+        parse_overrides(["--max_iter=5"], TrainConfig)
+
+
+def test_config_file_is_parsed_not_executed(tmp_path):
+    f = tmp_path / "c.conf"
+    f.write_text("# a comment\nlr = 3e-4   # inline\nout_dir = 'runs/x'\n\ncompile = false\n")
+    assert parse_overrides([str(f), "--lr=1e-3"], TrainConfig) == {"lr": 1e-3, "out_dir": "runs/x", "compile": False}
+    f.write_text("import os\n")
+    with pytest.raises(UserError, match="key = value"):
+        parse_overrides([str(f)], TrainConfig)
+    tc, mc = build_configs(mae, {"n_layer": 2})
+    assert tc.batch_size == mae.train_defaults["batch_size"] and mc.n_layer == 2
+
+
+def test_gpu_config_is_valid_and_runs_two_tiny_iterations_on_cpu(tmp_path):
+    o = parse_overrides([str(ROOT / "config/mae_gpu.conf")], TrainConfig, mae.Config)
+    tc, mc = build_configs(mae, o)
+    assert mc.img_size == 128 and tc.compile
+    run("train.py", "mae", "config/mae_gpu.conf", "--device=cpu", "--compile=false", "--max_iters=2",
+        "--batch_size=2", "--n_train=16", "--n_val=8", "--eval_iters=1", "--n_layer=2", f"--out_dir={tmp_path}")
+    assert load_checkpoint(tmp_path / "ckpt.pt", "mae")["config"]["model"]["n_embd"] == 384
+
+
+def test_train_end_to_end_then_sample(tmp_path):
+    p = run("train.py", "mae", *TINY, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
+            f"--out_dir={tmp_path}")
+    assert "iter 6/6" in p.stdout and "images/s" in p.stdout and "MFU" in p.stdout and "ETA" in p.stdout
+    for f in ("ckpt.pt", "ckpt_best.pt", "loss.png", "metrics.json"):
+        assert (tmp_path / f).exists(), f
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    assert ckpt["iter"] == 6 and ckpt["config"]["train"]["max_iters"] == 6
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"probe_shape_mae", "probe_shape_random_init", "probe_shape_pixels", "best_constant_loss"} <= set(metrics)
+    p = run("sample.py", "mae", f"--out_dir={tmp_path}", "--n=3")
+    assert p.stdout.count("masked-patch loss") == 4 and (tmp_path / "sample_mae.png").exists()
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    common = [*TINY, "--log_interval=1", "--eval_interval=3", "--lr_decay_iters=8"]
+    run("train.py", "mae", *common, "--max_iters=8", f"--out_dir={tmp_path / 'once'}")
+    run("train.py", "mae", *common, "--max_iters=4", f"--out_dir={tmp_path / 'twice'}")
+    run("train.py", "mae", "--init_from=resume", "--max_iters=8", f"--out_dir={tmp_path / 'twice'}")
+    once = load_checkpoint(tmp_path / "once/ckpt.pt", "mae")
+    twice = load_checkpoint(tmp_path / "twice/ckpt.pt", "mae")
+    assert [i for i, _ in twice["history"]["train"]] == list(range(1, 9))
+    assert once["history"]["train"] == twice["history"]["train"]  # bit for bit
+    for k, v in once["model"].items():
+        assert torch.equal(v, twice["model"][k]), k
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "mae", *TINY, "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+                        "--device=cpu", f"--out_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "world size 2" in p.stdout and p.stdout.count("iter 4/4") == 1  # logging on rank 0 only
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    assert len(ckpt["rng"]["torch"]) == 2 and ckpt["data_position"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["mae", "--img_size=60"], "not divisible by patch_size"),
+    (["mae", "--mask_ration=0.5"], "did you mean --mask_ratio"),
+    (["mae", "--init_from=resume", "--out_dir=/nonexistent/run"], "no checkpoint"),
+    (["mea"], "did you mean mae"),
+    (["mae", "missing.conf"], "config file not found"),
+    (["mae", "--dataset=folder", "--data_path=/nonexistent"], "image folder not found"),
+])
+def test_bad_input_gives_one_line_error(args, message):
+    p = run("train.py", *args, check=False)
+    assert p.returncode != 0 and message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_wrong_kind_or_corrupt_checkpoint_and_corrupt_image(tmp_path):
+    torch.save({"idea": "mlm", "model": {}}, tmp_path / "ckpt.pt")
+    p = run("train.py", "mae", "--init_from=resume", f"--out_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "'mlm' checkpoint, not 'mae'" in p.stderr
+    (tmp_path / "ckpt_best.pt").write_bytes(b"garbage")
+    p = run("sample.py", "mae", f"--out_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "cannot read checkpoint" in p.stderr and len(p.stderr.splitlines()) == 1
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    from data.images import load_image
+    with pytest.raises(UserError, match="bad.png"):
+        load_image(tmp_path / "bad.png", 32)
+
+
+def test_every_script_has_help():
+    for script in ("train.py", "sample.py", "bench.py"):
+        p = run(script, "--help")
+        assert "usage" in p.stdout and "--" in p.stdout
+    assert "--mask_ratio" in run("train.py", "mae", "--help").stdout
