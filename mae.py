@@ -107,17 +107,18 @@ def init_weights(m):
 # ---------------------------------------------------------------------------------------------
 # Patches, positions and masking
 
+def get_1d_sincos_pos_embed(dim, pos):
+    """positions (L,) -> (L, dim): [sin(pos * omega), cos(pos * omega)], omega = 1/10000**(k/(dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (D/2,)
+    out = pos.reshape(-1, 1).double() * omega  # (L, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (L, D)
+
+
 def get_2d_sincos_pos_embed(dim, grid_size, cls_token=False):
     """-> (grid*grid [+1], dim) fixed embedding: half the channels encode the row, half the column."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
-                                torch.arange(grid_size, dtype=torch.float64), indexing="ij")
-
-    def axis(pos):  # (L,) -> (L, D/2)
-        out = pos.reshape(-1, 1) * omega  # (L, D/4)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-    emb = torch.cat([axis(cols), axis(rows)], dim=1)  # (L, D): first half w (column), second h (row)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    emb = torch.cat([get_1d_sincos_pos_embed(dim // 2, cols), get_1d_sincos_pos_embed(dim // 2, rows)],
+                    dim=1)  # (L, D): first half w (column), second half h (row)
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)  # (1+L, D)
     return emb.float()
