@@ -97,11 +97,13 @@ class MLM(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.head_bias = nn.Parameter(torch.zeros(V))
         self.apply(init_weights)
-        nn.init.normal_(self.wte.weight, std=0.02)
+        # as in "Attention Is All You Need": embeddings ~ D^-0.5, scaled by sqrt(D) on the way in, so
+        # tokens and the unit-sized sinusoids start on equal terms and the tied head's logits near 1
+        nn.init.normal_(self.wte.weight, std=D ** -0.5)
 
     def logits(self, idx):
         """(B, T) ids -> (B, T, V); specials are never predicted (no [MASK] out of a blank)."""
-        x = self.wte(idx) + self.wpe[:idx.shape[1]]  # (B, T, D)
+        x = self.wte(idx) * self.cfg.n_embd ** 0.5 + self.wpe[:idx.shape[1]]  # (B, T, D)
         for blk in self.blocks:
             x = blk(x)  # bidirectional: no causal mask
         logits = self.ln_f(x) @ self.wte.weight.T + self.head_bias  # (B, T, V), tied to the embedding
