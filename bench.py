@@ -118,7 +118,41 @@ def bench_mae(bc):
           f"(one process; the cache is built once per split)")
 
 
-BENCHES = {"mae": bench_mae}
+def bench_mlm(bc):
+    import mlm
+    from data import text
+    from data.bpe import Tokenizer
+    device = pick_device(bc.device)
+    default = mlm.Config()
+    larger = replace(default, n_layer=6, n_embd=256, n_head=8, block_size=128)
+    bs = mlm.train_defaults["batch_size"]
+    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
+    print(f"{'config':<44}{'train tokens/s':>16}{'peak MiB':>10}")
+    for name, cfg in (("default (4x128, context 64, shapes BPE)", default),
+                      ("larger (6x256, context 128, shapes BPE)", larger)):
+        tps, peak = in_fresh_process(train_row, ("mlm", cfg, bs, bc.steps, device))
+        print(f"{name:<44}{tps:>16,.0f}{peak:>10,.0f}")
+
+    model = mlm.MLM(default).to(device).eval()
+    ids = torch.full((bs, default.block_size), model.mask_id, device=device)
+    for method in ("maskgit", "mdlm"):
+        t0 = time.perf_counter()
+        mlm.unmask(model, ids, steps=16, method=method)
+        dt = time.perf_counter() - t0
+        print(f"sampling {method:<8} 16 steps, {bs} x {default.block_size} tokens: {ids.numel() / dt:>10,.0f} tokens/s")
+
+    corpus = "\n".join(text.documents("pydoc")["train"])[:1_000_000]
+    t0 = time.perf_counter()
+    tok = Tokenizer.train("bpe", corpus, 512)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = len(tok.encode(corpus))
+    t_enc = time.perf_counter() - t0
+    print(f"\nBPE tokenizer, 512 tokens on {len(corpus) / 1e6:.2f} MB of pydoc text: trained in {t_train:.1f} s; "
+          f"encodes {n / t_enc:,.0f} tokens/s ({len(corpus) / n:.2f} bytes/token)")
+
+
+BENCHES = {"mae": bench_mae, "mlm": bench_mlm}
 
 
 def main(argv):

@@ -3,6 +3,9 @@
 mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
      original | masked | reconstruction | reconstruction with the visible patches pasted back,
      and the masked-patch loss of each image printed.
+mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for each blank;
+     --generate writes text from an all-[MASK] sequence (or fills the prompt's blanks) and shows
+     the intermediate steps, so you see the text appear.
 """
 import sys
 from dataclasses import dataclass
@@ -24,6 +27,12 @@ class SampleConfig:
     n: int = 8                     # how many held-out examples
     image: str = ""                # mae: your own image file(s), comma-separated
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
+    prompt: str = ""               # mlm: text with [MASK] blanks
+    generate: bool = False         # mlm: write text by unmasking
+    method: str = "maskgit"        # mlm: maskgit | mdlm
+    steps: int = 16                # mlm: unmasking steps
+    temperature: float = 1.0
+    top_k: int = 0                 # 0 = no cut; --prompt shows max(top_k, 5) candidates
 
 
 def load_model(idea, sc):
@@ -89,7 +98,39 @@ def sample_mae(sc):
     print(f"wrote {out}")
 
 
-SAMPLERS = {"mae": sample_mae}
+@torch.no_grad()
+def sample_mlm(sc):
+    from mlm import unmask
+    if sc.method not in ("maskgit", "mdlm"):
+        raise UserError(f"method={sc.method!r}; choose maskgit or mdlm")
+    _, model, cfg, _ = load_model("mlm", sc)
+    tok, device = model.tok, next(model.parameters()).device
+    if not sc.prompt and not sc.generate:
+        raise UserError('give --prompt="text with [MASK]" and/or --generate')
+    ids = tok.encode(sc.prompt) if sc.prompt else [tok.mask_id] * cfg.block_size
+    if len(ids) > cfg.block_size:
+        raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {cfg.block_size}")
+    ids = torch.tensor([ids], device=device)
+    show = lambda x: tok.decode(x[0].tolist()).replace("[MASK]", "░")  # noqa: E731
+    torch.manual_seed(sc.seed)
+    if not sc.generate:  # one pass: the distribution at every blank
+        probs = torch.softmax(model.logits(ids)[0] / max(sc.temperature, 1e-6), -1)  # (T, V)
+        blanks = (ids[0] == tok.mask_id).nonzero().flatten().tolist()
+        if not blanks:
+            raise UserError("the prompt has no [MASK] to fill")
+        for n, i in enumerate(blanks, 1):
+            p, top = probs[i].topk(max(sc.top_k, 5))
+            print(f"[MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
+        filled = torch.where(ids == tok.mask_id, probs.argmax(-1), ids)
+        print(f"most likely: {show(filled)}")
+        return
+    print(f"step  0: {show(ids)}")
+    out = unmask(model, ids, sc.steps, sc.method, sc.temperature, sc.top_k,
+                 callback=lambda k, x: print(f"step {k:2d}: {show(x)}"))
+    print(f"\n{show(out)}")
+
+
+SAMPLERS = {"mae": sample_mae, "mlm": sample_mlm}
 
 
 def main(argv):

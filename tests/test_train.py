@@ -131,3 +131,18 @@ def test_every_script_has_help():
         p = run(script, "--help")
         assert "usage" in p.stdout and "--" in p.stdout
     assert "--mask_ratio" in run("train.py", "mae", "--help").stdout
+
+
+def test_train_mlm_then_sample(tmp_path):
+    p = run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
+            "--block_size=32", "--batch_size=8", "--max_iters=4", "--eval_iters=2", "--log_interval=2",
+            f"--out_dir={tmp_path}")
+    assert "tokens/s" in p.stdout and "acc" in p.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["val_masked_acc"] <= 1 and metrics["val_masked_ce"] > 0
+    p = run("sample.py", "mlm", f"--out_dir={tmp_path}", "--prompt=The [MASK]ssert statement")
+    assert p.stdout.startswith("[MASK] #1:") and "most likely" in p.stdout
+    p = run("sample.py", "mlm", f"--out_dir={tmp_path}", "--generate", "--steps=4")
+    assert "step  4:" in p.stdout and "░" not in p.stdout.splitlines()[-1] and "░" in p.stdout
+    p = run("sample.py", "mae", f"--out_dir={tmp_path}", check=False)  # wrong kind of checkpoint
+    assert p.returncode != 0 and "'mlm' checkpoint, not 'mae'" in p.stderr
