@@ -111,7 +111,7 @@ def render(world, objs, scale=4):
     for shape, colour, size, pos in objs.tolist():
         row, col = divmod(pos, world.grid)
         cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
-        r = cell * (0.42 if size == 1 else 0.25)
+        r = cell * (0.46 if size == 1 else 0.3)
         fill = COLOURS[COLOUR_NAMES[colour]]
         if SHAPES[shape] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -173,7 +173,7 @@ class ShapesSplit:
     def __init__(self, world, split, n, cache_dir=CACHE_DIR, verbose=True):
         self.world, self.split, self.n = world, split, n
         world.for_split(split)  # validates the split name
-        key = hashlib.sha1(json.dumps([asdict(world), split, n, 1]).encode()).hexdigest()[:12]
+        key = hashlib.sha1(json.dumps([asdict(world), split, n, 2]).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"shapes_{split}_{n}_{key}"
         if not (path.with_suffix(".img.npy").exists() and path.with_suffix(".obj.npy").exists()):
             self._build(path, verbose)

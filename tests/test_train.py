@@ -51,13 +51,18 @@ def test_config_file_is_parsed_not_executed(tmp_path):
     assert tc.batch_size == mae.train_defaults["batch_size"] and mc.n_layer == 2
 
 
-def test_gpu_config_is_valid_and_runs_two_tiny_iterations_on_cpu(tmp_path):
-    o = parse_overrides([str(ROOT / "config/mae_gpu.conf")], TrainConfig, mae.Config)
-    tc, mc = build_configs(mae, o)
-    assert mc.img_size == 128 and tc.compile
-    run("train.py", "mae", "config/mae_gpu.conf", "--device=cpu", "--compile=false", "--max_iters=2",
-        "--batch_size=2", "--n_train=16", "--n_val=8", "--eval_iters=1", "--n_layer=2", f"--out_dir={tmp_path}")
-    assert load_checkpoint(tmp_path / "ckpt.pt", "mae")["config"]["model"]["n_embd"] == 384
+@pytest.mark.parametrize("idea, tiny", [
+    ("mae", ["--n_train=16", "--n_val=8", "--n_layer=2"]),
+    ("mlm", ["--corpus=pydoc", "--tokenizer=char", "--n_layer=2", "--block_size=16"]),
+])
+def test_gpu_config_runs_two_tiny_iterations_on_cpu(tmp_path, idea, tiny):
+    import mlm
+    module = {"mae": mae, "mlm": mlm}[idea]
+    tc, mc = build_configs(module, parse_overrides([str(ROOT / f"config/{idea}_gpu.conf")], TrainConfig, module.Config))
+    assert tc.compile and tc.batch_size >= 256 and mc.n_embd >= 384
+    run("train.py", idea, f"config/{idea}_gpu.conf", "--device=cpu", "--compile=false", "--max_iters=2",
+        "--batch_size=2", "--eval_iters=1", *tiny, f"--out_dir={tmp_path}")
+    assert load_checkpoint(tmp_path / "ckpt.pt", idea)["config"]["model"]["n_embd"] == mc.n_embd
 
 
 def test_train_end_to_end_then_sample(tmp_path):
