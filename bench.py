@@ -5,14 +5,13 @@ training configuration runs in a fresh process, so its peak memory is its own.
 """
 import multiprocessing as mp
 import resource
-import sys
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from data import UserError
-from train import config_help, parse_overrides, pick_device
+from train import cli, config_help, parse_overrides, pick_device
 
 
 @dataclass
@@ -57,6 +56,20 @@ def in_fresh_process(fn, args):
         return pool.apply(fn, (args,))
 
 
+def train_rows(idea, rows, bc, device):
+    """Print training throughput and peak memory of each (name, config); -> items/s of the first."""
+    module = __import__(idea)
+    bs = module.train_defaults["batch_size"]
+    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
+    print(f"{'config':<44}{'train ' + module.Data.unit + '/s':>16}{'peak MiB':>10}")
+    speeds = []
+    for name, cfg in rows:
+        speed, peak = in_fresh_process(train_row, (idea, cfg, bs, bc.steps, device))
+        print(f"{name:<44}{speed:>16,.0f}{peak:>10,.0f}")
+        speeds.append(speed)
+    return speeds[0]
+
+
 def forward_mask_tokens_in_encoder(model, imgs):
     """The design MAE argues against: every patch enters the encoder, removed ones as a mask token
     (SimMIM/BEiT style). Same loss, same decoder (with nothing left to insert)."""
@@ -80,14 +93,8 @@ def bench_mae(bc):
     default = mae.Config()
     larger = replace(default, n_layer=6, n_embd=192, n_head=6, decoder_n_layer=4, decoder_n_embd=128)
     bs = mae.train_defaults["batch_size"]
-    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
-    print(f"{'config':<44}{'train images/s':>16}{'peak MiB':>10}")
-    for name, cfg in (("default (4x128, decoder 2x64, 64px/8)", default),
-                      ("larger (6x192, decoder 4x128, 64px/8)", larger)):
-        ips, peak = in_fresh_process(train_row, ("mae", cfg, bs, bc.steps, device))
-        print(f"{name:<44}{ips:>16,.0f}{peak:>10,.0f}")
-        if name.startswith("default"):
-            step_ips = ips
+    step_ips = train_rows("mae", (("default (4x128, decoder 2x64, 64px/8)", default),
+                                  ("larger (6x192, decoder 4x128, 64px/8)", larger)), bc, device)
 
     torch.manual_seed(0)
     data = mae.Data(default, verbose=False)
@@ -126,12 +133,8 @@ def bench_mlm(bc):
     default = mlm.Config()
     larger = replace(default, n_layer=6, n_embd=256, n_head=8, block_size=128)
     bs = mlm.train_defaults["batch_size"]
-    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
-    print(f"{'config':<44}{'train tokens/s':>16}{'peak MiB':>10}")
-    for name, cfg in (("default (4x128, context 64, shapes BPE)", default),
-                      ("larger (6x256, context 128, shapes BPE)", larger)):
-        tps, peak = in_fresh_process(train_row, ("mlm", cfg, bs, bc.steps, device))
-        print(f"{name:<44}{tps:>16,.0f}{peak:>10,.0f}")
+    train_rows("mlm", (("default (4x128, context 64, shapes BPE)", default),
+                       ("larger (6x256, context 128, shapes BPE)", larger)), bc, device)
 
     model = mlm.MLM(default).to(device).eval()
     ids = torch.full((bs, default.block_size), model.mask_id, device=device)
@@ -166,8 +169,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -50,7 +50,7 @@ class Config:
 
 
 # ~4 minutes on 2 CPU cores
-train_defaults = dict(batch_size=64, lr=2e-3, min_lr=1e-4, max_iters=1500, warmup_iters=100,
+train_defaults = dict(batch_size=64, lr=2e-3, min_lr=1e-4, max_iters=1000, warmup_iters=100,
                       weight_decay=0.1, eval_interval=250, eval_iters=20)
 
 

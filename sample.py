@@ -7,7 +7,6 @@ mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for eac
      --generate writes text from an all-[MASK] sequence (or fills the prompt's blanks) and shows
      the intermediate steps, so you see the text appear.
 """
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from data import UserError
-from train import config_help, load_checkpoint, load_idea, parse_overrides, pick_device
+from train import cli, config_help, load_checkpoint, load_idea, parse_overrides, pick_device
 
 
 @dataclass
@@ -146,8 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

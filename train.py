@@ -452,9 +452,14 @@ def main(argv):
     train(idea, tc, mc, module, ckpt)
 
 
-if __name__ == "__main__":
+def cli(main):
+    """Run a script's main(argv): a UserError becomes one line on stderr and exit status 2."""
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)
