@@ -7,6 +7,7 @@ import multiprocessing as mp
 import resource
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -144,14 +145,17 @@ def bench_mlm(bc):
         dt = time.perf_counter() - t0
         print(f"sampling {method:<8} 16 steps, {bs} x {default.block_size} tokens: {ids.numel() / dt:>10,.0f} tokens/s")
 
-    corpus = "\n".join(text.documents("pydoc")["train"])[:1_000_000]
+    shared = Path(__file__).resolve().parent.parent / "shared/data/tiny_shakespeare.txt"
+    name, corpus = ("Tiny Shakespeare", shared.read_text()) if shared.exists() else \
+        ("pydoc", "\n".join(text.documents("pydoc")["train"]))
+    corpus = corpus[:1_000_000]
     t0 = time.perf_counter()
     tok = Tokenizer.train("bpe", corpus, 512)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     n = len(tok.encode(corpus))
     t_enc = time.perf_counter() - t0
-    print(f"\nBPE tokenizer, 512 tokens on {len(corpus) / 1e6:.2f} MB of pydoc text: trained in {t_train:.1f} s; "
+    print(f"\nBPE tokenizer, 512 tokens on {len(corpus) / 1e6:.2f} MB of {name}: trained in {t_train:.1f} s; "
           f"encodes {n / t_enc:,.0f} tokens/s ({len(corpus) / n:.2f} bytes/token)")
 
 

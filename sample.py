@@ -106,7 +106,9 @@ def sample_mlm(sc):
     tok, device = model.tok, next(model.parameters()).device
     if not sc.prompt and not sc.generate:
         raise UserError('give --prompt="text with [MASK]" and/or --generate')
-    ids = tok.encode(sc.prompt) if sc.prompt else [tok.mask_id] * cfg.block_size
+    # BPE words carry their leading space (" circle"): "a [MASK]" must not leave a lone " " token
+    prompt = sc.prompt if tok.kind == "char" else sc.prompt.replace(" [MASK]", "[MASK]")
+    ids = tok.encode(prompt) if prompt else [tok.mask_id] * cfg.block_size
     if len(ids) > cfg.block_size:
         raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {cfg.block_size}")
     ids = torch.tensor([ids], device=device)
