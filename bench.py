@@ -4,6 +4,7 @@ Absolute times on shared machines are noisy; the ratios in one run are what to r
 training configuration runs in a fresh process, so its peak memory is its own.
 """
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import resource
 import time
 from dataclasses import dataclass, replace
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data import UserError
-from train import cli, config_help, parse_overrides, pick_device
+from train import TrainConfig, cli, config_help, parse_overrides, pick_device
 
 
 @dataclass
@@ -44,7 +45,7 @@ def train_row(args):
     torch.manual_seed(0)
     module = __import__(idea)
     model = module.Model(cfg).to(device)
-    data = module.Data(cfg, verbose=False)
+    data = module.Data(cfg, seed=TrainConfig.seed, verbose=False)  # train.py's data and cache
     dt = time_steps(model, lambda i: data.batch("train", i, batch_size, device), steps)
     items = data.items(data.batch("train", 0, batch_size, device))
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
@@ -53,8 +54,9 @@ def train_row(args):
 
 
 def in_fresh_process(fn, args):
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (args,))
+    # an executor's worker (unlike a Pool's) may start processes of its own: rendering uses them
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, args).result()
 
 
 def train_rows(idea, rows, bc, device):
@@ -98,7 +100,7 @@ def bench_mae(bc):
                                   ("larger (6x192, decoder 4x128, 64px/8)", larger)), bc, device)
 
     torch.manual_seed(0)
-    data = mae.Data(default, verbose=False)
+    data = mae.Data(default, seed=TrainConfig.seed, verbose=False)
     batches = [data.batch("train", i, bs, device) for i in range(bc.steps + 2)]
     print("\nasymmetric encoder vs mask tokens in the encoder (same model, 75% masking):")
     for name, cfg in (("default", default), ("larger", larger)):
