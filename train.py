@@ -355,8 +355,8 @@ def train(idea, tc, mc, module, resume_ckpt=None):
             losses = estimate_loss()
             history["val"].append((it, losses["val"]))
             if not all(math.isfinite(v) for v in losses.values()):
-                log(f"error: eval loss is {losses} at iteration {it}; stopping, the last good checkpoint "
-                    f"in {out_dir} is kept. Try a lower --lr.")
+                print(f"error: eval loss is {losses} at iteration {it}; stopping, the last good checkpoint "
+                      f"in {out_dir} is kept. Try a lower --lr.", file=sys.stderr)
                 sys.exit(3)
             improved = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
@@ -378,8 +378,8 @@ def train(idea, tc, mc, module, resume_ckpt=None):
             scaler.scale(loss / tc.grad_accum).backward()
             loss_sum += loss.item() / tc.grad_accum
         if not math.isfinite(loss_sum):
-            log(f"error: loss is {loss_sum} at iteration {it}; stopping, the last good checkpoint in "
-                f"{out_dir} is kept. Try a lower --lr or --dtype=float32.")
+            print(f"error: loss is {loss_sum} at iteration {it}; stopping, the last good checkpoint in "
+                  f"{out_dir} is kept. Try a lower --lr or --dtype=float32.", file=sys.stderr)
             sys.exit(3)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))

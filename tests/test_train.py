@@ -118,6 +118,14 @@ def test_bad_input_gives_one_line_error(args, message):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = run("train.py", "mae", *TINY, "--lr=1e30", "--warmup_iters=0", "--max_iters=50", f"--out_dir={tmp_path}",
+            check=False)
+    assert p.returncode != 0 and "loss is nan" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    assert ckpt["iter"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_wrong_kind_or_corrupt_checkpoint_and_corrupt_image(tmp_path):
     torch.save({"idea": "mlm", "model": {}}, tmp_path / "ckpt.pt")
     p = run("train.py", "mae", "--init_from=resume", f"--out_dir={tmp_path}", check=False)
