@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from data import UserError
-from train import TrainConfig, cli, config_help, parse_overrides, pick_device
+from config import cli, config_help, parse_overrides
+from train import TrainConfig, pick_device
 
 
 @dataclass

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from data import UserError
-from train import cli, config_help, load_checkpoint, load_idea, parse_overrides, pick_device
+from config import cli, config_help, load_idea, parse_overrides
+from train import load_checkpoint, pick_device
 
 
 @dataclass

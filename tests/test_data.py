@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data import UserError, stream_indices
-from data.images import cifar10_split, load_folder, load_image, prepare_cifar10
+from data.images import load_folder, load_image, prepare_cifar10
 from data.shapes import (COLOUR_NAMES, NUMBERS, SHAPES, SIZES, ShapesSplit, World, caption, position_name,
                          questions, render, sample_scene)
 

@@ -1,5 +1,4 @@
 import math
-import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -7,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mlm
 from data import text
 from data.bpe import PAT, SPECIALS, Tokenizer, merge, train_bpe
 from mlm import MLM, Config, diffusion_mask, mask_tokens, unmask

@@ -9,7 +9,8 @@ import torch
 
 import mae
 from data import UserError
-from train import TrainConfig, build_configs, load_checkpoint, parse_overrides
+from config import parse_overrides
+from train import TrainConfig, build_configs, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--decoder_n_layer=1", "--decoder_n_embd=32",

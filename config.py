@@ -1,0 +1,89 @@
+"""Typed configuration from the command line: `--key=value` overrides and `key = value` files.
+
+Values are converted to the dataclass field's type (never exec'd, unlike nanoGPT's configurator):
+`--lr=1` is a float, `--compile=false`, `0` or `FALSE` a bool, a bare `--flag` means true, and an
+unknown key fails in one line with a "did you mean".
+"""
+import dataclasses
+import difflib
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from data import UserError
+
+IDEAS = ("mae", "mlm", "vlm")
+
+
+def convert(key, value, typ):
+    """A string from the command line or a config file -> the field's type, or a one-line error."""
+    try:
+        if typ is bool:
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        return typ(value)
+    except ValueError:
+        raise UserError(f"--{key}={value!r}: expected {typ.__name__}") from None
+
+
+def parse_overrides(args, *config_classes):
+    """['cfg.txt', '--lr=3e-4', ...] -> {'lr': 0.0003, ...}, typed by the dataclasses' fields."""
+    types = {f.name: f.type for cls in config_classes for f in dataclasses.fields(cls)}
+    pairs = []
+    for arg in args:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            pairs.append((key, value if eq else None))  # a bare --flag means true
+        else:  # a config file: one `key = value` a line, '#' starts a comment
+            if not os.path.isfile(arg):
+                raise UserError(f"config file not found: {arg}")
+            for n, line in enumerate(Path(arg).read_text().splitlines(), 1):
+                line = line.split("#")[0].strip()
+                if line:
+                    key, eq, value = line.partition("=")
+                    if not eq:
+                        raise UserError(f"{arg}:{n}: expected 'key = value', got {line!r}")
+                    pairs.append((key.strip(), value.strip().strip("'\"")))
+    out = {}
+    for key, value in pairs:
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise UserError(f"unknown config key --{key}{hint}")
+        if value is None and types[key] is not bool:
+            raise UserError(f"--{key}: write overrides as --key=value")
+        out[key] = True if value is None else convert(key, value, types[key])
+    return out
+
+
+def config_help(*config_classes, defaults=None):
+    lines = []
+    for cls in config_classes:
+        for f in dataclasses.fields(cls):
+            default = (defaults or {}).get(f.name, f.default)
+            lines.append(f"  --{f.name}={default}")
+    return "\n".join(lines)
+
+
+def cli(main):
+    """Run a script's main(argv): a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_idea(name):
+    if name not in IDEAS:
+        close = difflib.get_close_matches(name, IDEAS, n=1)
+        raise UserError(f"unknown idea {name!r}" + (f"; did you mean {close[0]}?" if close else
+                                                    f"; choose from {', '.join(IDEAS)}"))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise UserError(f"idea {name!r} is not in this checkout yet ({e})") from None
