@@ -362,13 +362,14 @@ def evaluate(model, data, device, n_probe=4000):
     train, test = data.shapes["train"], data.shapes["val"]
     n = min(n_probe, len(train))
     random_encoder = MAE(model.cfg).to(device).encoder
-    pixels = lambda s, k: torch.from_numpy(s.images[:k]).float().permute(0, 3, 1, 2)  # noqa: E731
-    feats = {
-        "mae": (features(model.encoder, train.images[:n], device), features(model.encoder, test.images, device)),
-        "random_init": (features(random_encoder, train.images[:n], device),
-                        features(random_encoder, test.images, device)),
-        "pixels": (F.avg_pool2d(pixels(train, n), 4).flatten(1), F.avg_pool2d(pixels(test, len(test)), 4).flatten(1)),
-    }
+
+    def pixels(images):  # (N, H, W, 3) uint8 -> (N, 3*H/4*W/4): 4x4-pooled raw pixels
+        return F.avg_pool2d(torch.from_numpy(np.array(images)).float().permute(0, 3, 1, 2), 4).flatten(1)
+
+    feats = {name: (f(train.images[:n]), f(test.images)) for name, f in (
+        ("mae", lambda x: features(model.encoder, x, device)),
+        ("random_init", lambda x: features(random_encoder, x, device)),
+        ("pixels", pixels))}
     for what, column, k in (("shape", 0, len(SHAPES)), ("colour", 1, len(COLOURS))):
         y_train, y_val = torch.from_numpy(train.presence(column, k)[:n]), torch.from_numpy(test.presence(column, k))
         for name, (f_train, f_val) in feats.items():
