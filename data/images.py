@@ -104,3 +104,11 @@ def cifar10_split(source, size, split):
         images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
                            for im in images])
     return images
+
+
+if __name__ == "__main__":  # python -m data.images [cifar-10-python.tar.gz | URL]
+    import sys
+    try:
+        print(f"CIFAR-10 ready in {prepare_cifar10(*sys.argv[1:2])}")
+    except UserError as e:
+        sys.exit(f"error: {e}")
