@@ -45,10 +45,10 @@ class Config:
             raise UserError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
         if not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
-        for name in ("masking", "dataset"):
-            choices = {"masking": MASKINGS, "dataset": ("shapes", "folder", "cifar10")}[name]
-            if getattr(self, name) not in choices:
-                raise UserError(f"{name}={getattr(self, name)!r}; choose from {', '.join(choices)}")
+        if self.masking not in MASKINGS:
+            raise UserError(f"masking={self.masking!r}; choose from {', '.join(MASKINGS)}")
+        if self.dataset not in ("shapes", "folder", "cifar10"):
+            raise UserError(f"dataset={self.dataset!r}; choose shapes, folder or cifar10")
         if self.n_embd % self.n_head or self.decoder_n_embd % self.decoder_n_head:
             raise UserError("n_embd must be divisible by n_head (and decoder_n_embd by decoder_n_head)")
 
@@ -274,9 +274,8 @@ class MAE(nn.Module):
         loss = ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)  # (N, L)
         return (loss * mask).sum(1) / mask.sum(1)  # (N,)
 
-    def forward(self, imgs, mask_ratio=None):
-        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.encoder(imgs, mask_ratio, self.cfg.masking)
+    def forward(self, imgs):
+        latent, mask, ids_restore = self.encoder(imgs, self.cfg.mask_ratio, self.cfg.masking)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask).mean(), {}
 
@@ -352,7 +351,6 @@ def linear_probe(x_train, y_train, x_val, y_val, steps=300, weight_decay=1e-3):
 def evaluate(model, data, device, n_probe=4000):
     """Beyond the loss: the best constant prediction as the baseline, and linear probes."""
     from data.shapes import COLOURS, SHAPES
-    model.eval()
     val = data.images["val"]
     target = model.target(to_tensor(val[:512], "cpu"))  # (N, L, p*p*3)
     # the best single prediction for every patch is the mean target; its loss is the variance
@@ -374,5 +372,4 @@ def evaluate(model, data, device, n_probe=4000):
         y_train, y_val = torch.from_numpy(train.presence(column, k)[:n]), torch.from_numpy(test.presence(column, k))
         for name, (f_train, f_val) in feats.items():
             out[f"probe_{what}_{name}"] = linear_probe(f_train, y_train, f_val, y_val)
-    model.train()
     return out

@@ -18,6 +18,7 @@ import resource
 import signal
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from config import cli, config_help, load_idea, parse_overrides
 from data import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -253,7 +255,7 @@ def train(idea, tc, mc, module, resume_ckpt=None):
         model.train()
         return out
 
-    def save(name):
+    def save(names):
         rng = {"torch": [torch.get_rng_state()],
                "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
         if ddp:  # every rank's stream, so a resumed DDP run continues exactly too
@@ -266,7 +268,7 @@ def train(idea, tc, mc, module, resume_ckpt=None):
                     "scaler": scaler.state_dict(), "config": {"train": asdict(tc), "model": asdict(mc)},
                     "iter": it, "data_position": it * tc.grad_accum * world,
                     "best_val_loss": best_val, "rng": rng, "history": history}
-            for n in name:
+            for n in names:
                 save_atomic(ckpt, out_dir / n)
 
     stop = []
@@ -281,7 +283,7 @@ def train(idea, tc, mc, module, resume_ckpt=None):
 
     log(f"training {tc.max_iters} iterations; {flops_per_iter / 1e9:.2f} GFLOP per iteration")
     t_start = t0 = time.time()
-    it_start, step_times = it, []
+    it_start, step_times = it, deque(maxlen=tc.log_interval)
     while True:
         if it % tc.eval_interval == 0 or it >= tc.max_iters:
             losses = estimate_loss()
@@ -324,9 +326,9 @@ def train(idea, tc, mc, module, resume_ckpt=None):
         t0 = t1
         if it % tc.log_interval == 0 or it == tc.max_iters:
             history["train"].append((it, loss_sum))
-            dt = sum(step_times[-tc.log_interval:]) / len(step_times[-tc.log_interval:])
+            dt = sum(step_times) / len(step_times)
             items = data.items(batch) * tc.grad_accum * world / dt
-            mfu = f"{100 * flops_per_iter * world / dt / (peak * world):.1f}%" if peak else "n/a"
+            mfu = f"{100 * flops_per_iter / dt / peak:.1f}%" if peak else "n/a"  # per device
             eta = (tc.max_iters - it) * dt
             extra = "".join(f" | {k} {v.item() if torch.is_tensor(v) else v:.4f}" for k, v in metrics.items())
             log(f"iter {it}/{tc.max_iters} | loss {loss_sum:.4f}{extra} | lr {lr:.2e} | grad norm "

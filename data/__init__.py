@@ -1,4 +1,5 @@
 """Data for every idea: the shapes world (offline default), image folders, CIFAR-10, text corpora."""
+import numpy as np
 
 
 class UserError(Exception):
@@ -11,7 +12,6 @@ def stream_indices(n, seed, start, count):
     A batch is a pure function of its position, so resuming, or giving each DDP rank its own
     positions, needs no sampler state: the iteration number is the data position.
     """
-    import numpy as np
     out, pos = [], start
     while len(out) < count:
         epoch, offset = divmod(pos, n)

@@ -205,12 +205,6 @@ class ShapesSplit:
         o = self.objects[i]
         return o[o[:, 0] >= 0]
 
-    def caption(self, i):
-        return caption(self.scene(i))
-
-    def questions(self, i):
-        return questions(self.world, self.split, i, self.scene(i))
-
     def presence(self, column, k):
         """-> float (N, k): multi-hot of which shapes (column 0) or colours (column 1) appear."""
         out = np.zeros((self.n, k), np.float32)
