@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data import UserError
+from data import UserError, at_least
 from config import cli, config_help, parse_overrides
 from train import TrainConfig, pick_device
 
@@ -21,6 +21,10 @@ from train import TrainConfig, pick_device
 class BenchConfig:
     steps: int = 10        # timed training steps per row (after 2 warm-up steps)
     device: str = "auto"
+
+    def __post_init__(self):
+        at_least(self, 1, "steps")
+        pick_device(self.device)
 
 
 def time_steps(model, make_batch, steps, forward=None):

@@ -7,6 +7,7 @@ unknown key fails in one line with a "did you mean".
 import dataclasses
 import difflib
 import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,9 +26,40 @@ def convert(key, value, typ):
             if value.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
-        return typ(value)
+        out = typ(value)
+        if typ is float and not math.isfinite(out):
+            raise UserError(f"--{key}={value}: expected a finite number")
+        return out
     except ValueError:
         raise UserError(f"--{key}={value!r}: expected {typ.__name__}") from None
+
+
+def read_config_file(path):
+    """One `key = value` a line; '#' starts a comment unless inside a quoted value. -> [(key, value)]"""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not a UTF-8 text file (byte {e.start}); a config file holds key = value lines") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not key or key.startswith("#"):
+            continue
+        if value[:1] in ("'", '"'):  # quoted: the value ends at the closing quote, '#' and all
+            end = value.find(value[0], 1)
+            rest = value[end + 1:].strip() if end > 0 else "?"
+            if end < 0 or (rest and not rest.startswith("#")):
+                raise UserError(f"{path}:{n}: unbalanced quotes in {line.strip()!r}")
+            value = value[1:end]
+        else:
+            value = value.split("#")[0].strip()
+        if not eq or "#" in key:
+            raise UserError(f"{path}:{n}: expected 'key = value', got {line.strip()!r}")
+        pairs.append((key, value))
+    return pairs
 
 
 def parse_overrides(args, *config_classes):
@@ -38,16 +70,8 @@ def parse_overrides(args, *config_classes):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             pairs.append((key, value if eq else None))  # a bare --flag means true
-        else:  # a config file: one `key = value` a line, '#' starts a comment
-            if not os.path.isfile(arg):
-                raise UserError(f"config file not found: {arg}")
-            for n, line in enumerate(Path(arg).read_text().splitlines(), 1):
-                line = line.split("#")[0].strip()
-                if line:
-                    key, eq, value = line.partition("=")
-                    if not eq:
-                        raise UserError(f"{arg}:{n}: expected 'key = value', got {line!r}")
-                    pairs.append((key.strip(), value.strip().strip("'\"")))
+        else:
+            pairs += read_config_file(arg)
     out = {}
     for key, value in pairs:
         if key not in types:
@@ -70,12 +94,16 @@ def config_help(*config_classes, defaults=None):
 
 
 def cli(main):
-    """Run a script's main(argv): a UserError becomes one line on stderr and exit status 2."""
+    """Run a script's main(argv): a UserError becomes one line on stderr and exit status 2, Ctrl-C
+    one line and 130."""
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits 130 itself)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_idea(name):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, stream_indices
+from data import UserError, at_least, stream_indices
 
 
 @dataclass
@@ -41,6 +41,10 @@ class Config:
     norm_pix_loss: bool = True
 
     def __post_init__(self):
+        at_least(self, 1, "img_size", "n_train", "n_val", "patch_size", "n_layer", "n_head", "n_embd",
+                 "decoder_n_layer", "decoder_n_head", "decoder_n_embd")
+        if self.mlp_ratio <= 0:
+            raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.img_size % self.patch_size:
             raise UserError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
         if not 0 <= self.mask_ratio < 1:
@@ -49,6 +53,11 @@ class Config:
             raise UserError(f"masking={self.masking!r}; choose from {', '.join(MASKINGS)}")
         if self.dataset not in ("shapes", "folder", "cifar10"):
             raise UserError(f"dataset={self.dataset!r}; choose shapes, folder or cifar10")
+        if self.dataset == "folder" and not self.data_path:
+            raise UserError("--dataset=folder needs --data_path=DIR, the folder of your png/jpg images")
+        if int((self.img_size // self.patch_size) ** 2 * (1 - self.mask_ratio)) < 1:
+            raise UserError(f"mask_ratio={self.mask_ratio} leaves no visible patch of "
+                            f"{(self.img_size // self.patch_size) ** 2}")
         if self.n_embd % self.n_head or self.decoder_n_embd % self.decoder_n_head:
             raise UserError("n_embd must be divisible by n_head (and decoder_n_embd by decoder_n_head)")
 
@@ -298,7 +307,7 @@ class Data:
 
     def __init__(self, cfg, seed=0, verbose=True):
         from data.shapes import ShapesSplit, World
-        from data.images import cifar10_split, folder_split
+        from data.images import cifar10_splits, folder_splits
         self.cfg, self.seed, self.shapes = cfg, seed, {}
         if cfg.dataset == "shapes":
             world = World(img_size=cfg.img_size, seed=seed)
@@ -306,8 +315,8 @@ class Data:
                            for s, n in (("train", cfg.n_train), ("val", cfg.n_val))}
             self.images = {s: d.images for s, d in self.shapes.items()}
         else:
-            load = folder_split if cfg.dataset == "folder" else cifar10_split
-            self.images = {s: load(cfg.data_path, cfg.img_size, s) for s in ("train", "val")}
+            load = folder_splits if cfg.dataset == "folder" else cifar10_splits
+            self.images = load(cfg.data_path, cfg.img_size)
 
     def batch(self, split, pos, batch_size, device):
         imgs = self.images[split]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError
+from data import UserError, at_least
 from mae import Block, get_1d_sincos_pos_embed, init_weights
 
 
@@ -39,6 +39,12 @@ class Config:
     mask_prob: float = 0.15       # bert; ModernBERT uses 0.30
 
     def __post_init__(self):
+        at_least(self, 1, "n_layer", "n_head", "n_embd")
+        at_least(self, 2, "block_size")
+        if not 256 + 5 <= self.vocab_size <= 65535:
+            raise UserError(f"vocab_size={self.vocab_size} must be in [261, 65535]")
+        if self.mlp_ratio <= 0:
+            raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.objective not in ("bert", "diffusion"):
             raise UserError(f"objective={self.objective!r}; choose bert or diffusion")
         if self.tokenizer not in ("bpe", "char", "gpt2"):

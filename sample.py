@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import UserError
+from data import UserError, at_least
 from config import cli, config_help, load_idea, parse_overrides
 from train import load_checkpoint, pick_device
 
@@ -34,15 +34,25 @@ class SampleConfig:
     temperature: float = 1.0
     top_k: int = 0                 # 0 = no cut; --prompt shows max(top_k, 5) candidates
 
+    def __post_init__(self):
+        at_least(self, 1, "n", "steps")
+        at_least(self, 0, "top_k", "temperature")
+        if self.mask_ratio != -1 and not 0 <= self.mask_ratio < 1:
+            raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1), or -1 for the model's own")
+        pick_device(self.device)
+
 
 def load_model(idea, sc):
     """-> (module, model in eval mode on its device, its Config, the checkpoint)."""
     module = load_idea(idea)
     ckpt = load_checkpoint(Path(sc.out_dir or f"out-{idea}") / sc.ckpt, idea)
-    cfg = module.Config(**ckpt["config"]["model"])
+    try:
+        cfg = module.Config(**ckpt["config"]["model"])
+        model = module.Model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"the checkpoint does not fit this code: {str(e).splitlines()[0]}") from None
     device = pick_device(sc.device)
-    model = module.Model(cfg)
-    model.load_state_dict(ckpt["model"])
     return module, model.to(device).eval(), cfg, ckpt
 
 

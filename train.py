@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from config import cli, config_help, load_idea, parse_overrides
-from data import UserError
+from data import UserError, at_least
 
 
 @dataclass
@@ -55,9 +55,12 @@ class TrainConfig:
             raise UserError(f"init_from={self.init_from!r}; choose scratch or resume")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype={self.dtype!r}; choose auto, float32, bfloat16 or float16")
-        for k in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
-            if getattr(self, k) < 1:
-                raise UserError(f"{k}={getattr(self, k)} must be at least 1")
+        at_least(self, 1, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval")
+        at_least(self, 0, "lr_decay_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr")
+        if self.lr <= 0:
+            raise UserError(f"lr={self.lr} must be positive")
+        if self.min_lr > self.lr:
+            raise UserError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr to min_lr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +79,18 @@ def build_configs(module, overrides, base=None):
 # Devices, precision, checkpoints
 
 def pick_device(name):
+    """'auto' -> the best device here; anything else is checked against what this machine has."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UserError(f"device={name!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: this machine has no CUDA GPU; use --device=cpu or auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}: MPS (Apple GPU) is not available here; use --device=cpu or auto")
     return name
 
 
@@ -102,13 +115,69 @@ def load_checkpoint(path, idea):
         raise UserError(f"{path} is not a checkpoint written by train.py")
     if ckpt["idea"] != idea:
         raise UserError(f"{path} is a {ckpt['idea']!r} checkpoint, not {idea!r}")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or set(ckpt["config"]) != {"train", "model"}:
+        raise UserError(f"{path} lacks {', '.join(missing) or 'its config'}: not a complete train.py checkpoint")
     return ckpt
 
 
+CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
+
+
 def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"  # unique: two writers never share one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir, fresh):
+    """Before anything is written: out_dir must be (or become) a writable folder, and a run from
+    scratch never lands on a trained checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out_dir {out_dir} is a file, not a folder")
+    parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir {out_dir} is not writable ({parent} is {'read-only' if parent.is_dir() else 'a file'})")
+    old = [n for n in ("ckpt.pt", "ckpt_best.pt") if (out_dir / n).exists()]
+    if fresh and old:
+        raise UserError(f"{out_dir} already holds {' and '.join(old)}; continue it with --init_from=resume, "
+                        f"or train into another --out_dir (or delete the old one)")
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir for this process's lifetime (the OS drops it if we die), so a
+    second run into the same folder is refused instead of racing this one. -> the held handle."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; unique temp names still keep saves whole
+        return None
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another run is training in {out_dir}; wait for it, or use another --out_dir") from None
+    return fd
+
+
+def check_resume_shapes(model, ckpt, mc):
+    """A resume whose config changes a parameter's shape fails here, naming the key and both values."""
+    own = model.state_dict()
+    for name, saved in ckpt["model"].items():
+        if name in own and own[name].shape != saved.shape:
+            old = ckpt["config"]["model"]
+            changed = [f"{k}={v} (checkpoint: {old[k]})" for k, v in asdict(mc).items() if k in old and old[k] != v]
+            raise UserError(f"cannot resume: {', '.join(changed) or name} changes the shape of {name} "
+                            f"from {tuple(saved.shape)} to {tuple(own[name].shape)}; drop the override "
+                            f"or start a new --out_dir")
+    missing = sorted(set(own) ^ set(ckpt["model"]))
+    if missing:
+        raise UserError(f"cannot resume: the checkpoint's weights do not match this model ({missing[0]}, ...)")
 
 
 def peak_flops(device_type):
@@ -186,7 +255,6 @@ def train(idea, tc, mc, module, resume_ckpt=None):
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     out_dir = Path(tc.out_dir)
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
         log(json.dumps({"idea": idea, "train": asdict(tc), "model": asdict(mc)}, indent=1))
         log(f"device {device}, dtype {str(dtype).split('.')[-1]}, world size {world}")
 
@@ -196,7 +264,10 @@ def train(idea, tc, mc, module, resume_ckpt=None):
     data = module.Data(mc, seed=tc.seed, verbose=master)
     if ddp and master:
         dist.barrier()
-    model = module.Model(mc).to(device)
+    model = module.Model(mc)
+    if resume_ckpt is not None:
+        check_resume_shapes(model, resume_ckpt, mc)
+    model = model.to(device)
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on biases and norms (1-D)
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -217,6 +288,10 @@ def train(idea, tc, mc, module, resume_ckpt=None):
             if device_type == "cuda" and rng["cuda"]:
                 torch.cuda.set_rng_state(rng["cuda"][rank])
         log(f"resumed from {out_dir / 'ckpt.pt'} at iteration {it} (best val loss {best_val:.4f})")
+    if master:  # every check has passed: only now is out_dir touched
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_out_dir(out_dir)
+        check_out_dir(out_dir, fresh=resume_ckpt is None)  # again, under the lock
     flops_per_iter = count_flops(model, data.batch("train", 0, tc.batch_size, device)) * tc.grad_accum
     peak = peak_flops(device_type)
     raw_model = model
@@ -271,9 +346,17 @@ def train(idea, tc, mc, module, resume_ckpt=None):
             for n in names:
                 save_atomic(ckpt, out_dir / n)
 
+    @torch.no_grad()
+    def healthy():
+        """Weights worth saving: finite, and a finite loss on a fixed batch (a diverged step can leave
+        finite weights of size 1e30 whose next loss is NaN)."""
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            return False
+        with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []), autocast:
+            return math.isfinite(raw_model(data.batch("train", 0, tc.batch_size, device))[0].item())
+
     stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop.append(s))
+    handlers = {sig: signal.signal(sig, lambda s, f: stop.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def should_stop():
         flag = torch.tensor(float(bool(stop)))
@@ -335,10 +418,20 @@ def train(idea, tc, mc, module, resume_ckpt=None):
                 f"{grad_norm.item():.3f} | {dt * 1000:.0f} ms/iter | {items:,.0f} {data.unit}/s | MFU {mfu} "
                 f"| {100 * it / tc.max_iters:.0f}% ETA {fmt_time(eta)}", flush=True)
         if should_stop():
-            save(["ckpt.pt"])
-            log(f"interrupted at iteration {it}: saved {out_dir / 'ckpt.pt'}; continue with --init_from=resume")
-            return None
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if healthy():
+                save(["ckpt.pt"])
+                msg = f"saved {out_dir / 'ckpt.pt'}; continue with --init_from=resume"
+            else:
+                msg = (f"the weights have diverged (non-finite loss), so the last good checkpoint in {out_dir} "
+                       f"is kept; try a lower --lr")
+            if master:
+                print(f"interrupted at iteration {it}: {msg}", file=sys.stderr, flush=True)
+            sys.exit(128 + stop[0])  # 130 after Ctrl-C, 143 after SIGTERM: not a finished run
 
+    for sig, handler in handlers.items():  # Ctrl-C in the final evaluation: one line from config.cli
+        signal.signal(sig, handler)
     elapsed = time.time() - t_start
     result = None
     if master:
@@ -355,6 +448,8 @@ def train(idea, tc, mc, module, resume_ckpt=None):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if master and lock is not None:
+        os.close(lock)
     return result
 
 
@@ -380,9 +475,15 @@ def main(argv):
     ckpt = None
     if tc.init_from == "resume":
         ckpt = load_checkpoint(Path(tc.out_dir or f"out-{idea}") / "ckpt.pt", idea)
-        tc, mc = build_configs(module, overrides, base=ckpt["config"])
+        try:
+            tc, mc = build_configs(module, overrides, base=ckpt["config"])
+        except TypeError as e:  # a key this version does not know
+            raise UserError(f"cannot resume: the checkpoint's config does not fit this code ({e})") from None
     if not tc.out_dir:
         tc.out_dir = f"out-{idea}"
+    pick_device(tc.device)
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        check_out_dir(tc.out_dir, fresh=ckpt is None)
     train(idea, tc, mc, module, ckpt)
 
 

@@ -8,12 +8,13 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data import UserError
+from data import UserError, checked_cache, write_manifest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -48,23 +49,62 @@ def load_folder(folder, size):
     return np.stack([load_image(p, size) for p in paths]), paths
 
 
-def folder_split(folder, size, split):
-    """Every 10th image (in sorted order) is held out as 'val'; the rest is 'train'."""
+def folder_splits(folder, size):
+    """Every 10th image (in sorted order) is held out -> {'train': ..., 'val': ...}, decoded once."""
+    if not folder:
+        raise UserError("--dataset=folder needs --data_path=DIR, the folder of your png/jpg images")
     images, _ = load_folder(folder, size)
     held_out = np.arange(len(images)) % 10 == 9
     if held_out.sum() == 0 or (~held_out).sum() == 0:
         raise UserError(f"{folder}: need at least 10 images to hold out a validation split")
-    return images[held_out] if split != "train" else images[~held_out]
+    return {"train": images[~held_out], "val": images[held_out]}
 
 
-def prepare_cifar10(source=CIFAR10_URL, cache_dir=CACHE_DIR):
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch (a dict of bytes, lists and numpy arrays) and nothing else: a pickle
+    may name any function to call, so every global outside numpy's array rebuilders is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise UserError(f"refusing to load {module}.{name} from a CIFAR-10 batch: not plain data "
+                            f"(a crafted or wrong file?)")
+        return super().find_class(module, name)
+
+
+def read_cifar_tarball(tarball, source):
+    """-> {batch name: dict}, read without running anything the file says."""
+    batches = {}
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for m in tar.getmembers():
+                name = os.path.basename(m.name)
+                if m.isfile() and name.startswith(("data_batch_", "test_batch")):
+                    batch = CifarUnpickler(tar.extractfile(m), encoding="bytes").load()
+                    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+                        raise UserError(f"{source}: {name} is not a CIFAR-10 batch")
+                    batches[name] = batch
+    except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{source} is not a readable cifar-10-python.tar.gz ({e.__class__.__name__}: {e})") from None
+    if "test_batch" not in batches:
+        raise UserError(f"{source} is not the CIFAR-10 python tarball (no test_batch inside)")
+    return batches
+
+
+def prepare_cifar10(source=CIFAR10_URL, cache_dir=CACHE_DIR, verbose=True):
     """Download (or copy from a local path / file:// URL) the python tarball; cache uint8 arrays.
 
-    -> Path of the folder holding {train,test}_{images,labels}.npy.
+    -> Path of the folder holding {train,test}_{images,labels}.npy, vouched for by manifest.json.
     """
     out = Path(cache_dir) / "cifar10"
-    if (out / "test_labels.npy").exists():
-        return out
+    checked_cache(out / "manifest.json", lambda: _build_cifar10(source, out), "cifar10", verbose)
+    return out
+
+
+def _build_cifar10(source, out):
     with tempfile.TemporaryDirectory() as tmp:
         tarball = Path(tmp) / "cifar-10-python.tar.gz"
         if os.path.exists(str(source)):
@@ -76,34 +116,42 @@ def prepare_cifar10(source=CIFAR10_URL, cache_dir=CACHE_DIR):
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot fetch CIFAR-10 from {source} ({e}); offline, pass a local "
                                 f"copy of cifar-10-python.tar.gz as data_path") from None
-        batches = {}
-        with tarfile.open(tarball, "r:gz") as tar:
-            for m in tar.getmembers():
-                name = os.path.basename(m.name)
-                if name.startswith(("data_batch_", "test_batch")):
-                    batches[name] = pickle.load(tar.extractfile(m), encoding="bytes")
-        if "test_batch" not in batches:
-            raise UserError(f"{source} is not the CIFAR-10 python tarball (no test_batch inside)")
+        batches = read_cifar_tarball(tarball, source)
         out.mkdir(parents=True, exist_ok=True)
+        files = []
         for split, names in (("train", sorted(n for n in batches if n != "test_batch")),
                              ("test", ["test_batch"])):
-            data = np.concatenate([batches[n][b"data"] for n in names])
+            data = np.concatenate([np.asarray(batches[n][b"data"], np.uint8) for n in names])
             labels = np.concatenate([batches[n][b"labels"] for n in names]).astype(np.int64)
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+                raise UserError(f"{source}: batches hold {data.shape} pixels, not (N, 3072) with one label each")
             images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
             for arr, what in ((images, "images"), (labels, "labels")):
                 np.save(Path(tmp) / "a.npy", np.ascontiguousarray(arr))
                 os.replace(Path(tmp) / "a.npy", out / f"{split}_{what}.npy")
-    return out
+                files.append(out / f"{split}_{what}.npy")
+        write_manifest(out / "manifest.json", files)
 
 
-def cifar10_split(source, size, split):
-    """CIFAR-10 uint8 (N, size, size, 3): 'train' is the 50k training set, anything else the test set."""
+def cifar10_splits(source, size):
+    """CIFAR-10 uint8 (N, size, size, 3): {'train': the 50k training set, 'val': the test set};
+    resized copies are cached beside the 32 px arrays, so resizing happens once."""
     folder = prepare_cifar10(source or CIFAR10_URL)
-    images = np.load(folder / f"{'train' if split == 'train' else 'test'}_images.npy")
-    if size != 32:
-        images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
-                           for im in images])
-    return images
+    out = {}
+    for split, name in (("train", "train"), ("val", "test")):
+        path = folder / f"{name}_images.npy" if size == 32 else folder / f"{name}_images_{size}.npy"
+
+        def resize(path=path, name=name):
+            small = np.load(folder / f"{name}_images.npy")
+            big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in small])
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, big)
+            os.replace(tmp, path)
+            write_manifest(path.with_suffix(".manifest.json"), [path])
+        if size != 32:
+            checked_cache(path.with_suffix(".manifest.json"), resize, f"cifar10 at {size} px")
+        out[split] = np.load(path, mmap_mode="r")
+    return out
 
 
 if __name__ == "__main__":  # python -m data.images [cifar-10-python.tar.gz | URL]

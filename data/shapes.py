@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data import checked_cache, write_manifest
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS = {"red": (220, 50, 47), "green": (60, 180, 75), "blue": (45, 100, 230),
@@ -159,6 +162,10 @@ def questions(world, split, index, objs):
     return qa
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops, workers don't print tracebacks
+
+
 def _scene(world, split, index):
     objs = sample_scene(world, split, index)
     return render(world, objs), objs
@@ -175,8 +182,8 @@ class ShapesSplit:
         world.for_split(split)  # validates the split name
         key = hashlib.sha1(json.dumps([asdict(world), split, n, 2]).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"shapes_{split}_{n}_{key}"
-        if not (path.with_suffix(".img.npy").exists() and path.with_suffix(".obj.npy").exists()):
-            self._build(path, verbose)
+        checked_cache(path.with_suffix(".manifest.json"), lambda: self._build(path, verbose),
+                      f"shapes/{split} ({path.name})", verbose)
         self.images = np.load(path.with_suffix(".img.npy"), mmap_mode="r")
         self.objects = np.load(path.with_suffix(".obj.npy"))
 
@@ -185,7 +192,7 @@ class ShapesSplit:
         imgs = np.empty((self.n, w.img_size, w.img_size, 3), np.uint8)
         objs = np.full((self.n, w.max_objects, 4), -1, np.int16)
         workers = min(os.cpu_count() or 1, 8) if self.n >= 4000 else 1
-        with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+        with multiprocessing.Pool(workers, _ignore_sigint) if workers > 1 else nullcontext() as pool:
             work = partial(_scene, w, self.split)
             scenes = pool.imap(work, range(self.n), chunksize=64) if pool else map(work, range(self.n))
             for i, (img, o) in enumerate(scenes):
@@ -193,10 +200,16 @@ class ShapesSplit:
                 if verbose and (i + 1) % 5000 == 0:
                     print(f"rendering shapes/{self.split}: {i + 1}/{self.n}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        files = []
         for arr, suffix in ((imgs, ".img.npy"), (objs, ".obj.npy")):
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: ranks may race here
-            np.save(tmp, arr)
-            os.replace(tmp, path.with_suffix(suffix))
+            try:
+                np.save(tmp, arr)
+                os.replace(tmp, path.with_suffix(suffix))
+            finally:
+                tmp.unlink(missing_ok=True)
+            files.append(path.with_suffix(suffix))
+        write_manifest(path.with_suffix(".manifest.json"), files)
 
     def __len__(self):
         return self.n

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import UserError
+from data import UserError, checked_cache, file_digest, write_manifest
 from data.bpe import Tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -30,9 +30,25 @@ def scene_text(world, split, index):
     return caption(objs) + ". " + " ".join(f"{q} {a}." for _, q, a in questions(world, split, index, objs))
 
 
+def read_file(path):
+    """A local text file -> str, or a one-line error for a missing, binary or non-UTF-8 file."""
+    if not os.path.isfile(path):
+        raise UserError(f"text file not found: {path}")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); give a text file as corpus") from None
+    if "\x00" in text:
+        raise UserError(f"{path} holds NUL bytes: a binary file, not a text corpus")
+    if not text.strip():
+        raise UserError(f"{path} is empty")
+    return text
+
+
 def read_text(source):
     if os.path.isfile(source):
-        return Path(source).read_text(encoding="utf-8")
+        return read_file(source)
     try:
         print(f"downloading {source} ...", flush=True)
         with urllib.request.urlopen(source, timeout=30) as r:
@@ -54,22 +70,32 @@ def documents(corpus, data_path="", n_scenes=20000):
     elif corpus == "shakespeare":
         text = read_text(data_path or SHAKESPEARE_URL)
     elif corpus.endswith(".txt") or os.path.exists(corpus):
-        if not os.path.isfile(corpus):
-            raise UserError(f"text file not found: {corpus}")
-        text = Path(corpus).read_text(encoding="utf-8")
+        text = read_file(corpus)
     else:
         raise UserError(f"corpus={corpus!r}; choose shapes, pydoc, shakespeare, or a path to a .txt file")
     cut = int(len(text) * 0.9)
     return {"train": [text[:cut]], "val": [text[cut:]]}
 
 
+def source_key(corpus, data_path):
+    """What identifies a corpus: a user's file by its content (an edited file is re-read), others by name."""
+    for f in (corpus, data_path):
+        if f and os.path.isfile(f):
+            return file_digest(f)
+    return [corpus, data_path]
+
+
 def prepare(corpus, tokenizer="bpe", vocab_size=512, data_path="", cache_dir=CACHE_DIR, verbose=True):
     """Tokenize a corpus once; -> the folder holding train.bin, val.bin, tokenizer.json, meta.json."""
-    key = json.dumps([corpus, tokenizer, vocab_size if tokenizer == "bpe" else 0, data_path, 1])
+    key = json.dumps([source_key(corpus, data_path), tokenizer, vocab_size if tokenizer == "bpe" else 0, 1])
     name = Path(corpus).stem if corpus.endswith(".txt") else corpus
     out = Path(cache_dir) / f"text_{name}_{tokenizer}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if (out / "meta.json").exists():
-        return out
+    checked_cache(out / "manifest.json", lambda: _build(out, corpus, tokenizer, vocab_size, data_path, verbose),
+                  f"text {out.name}", verbose)
+    return out
+
+
+def _build(out, corpus, tokenizer, vocab_size, data_path, verbose):
     docs = documents(corpus, data_path)
     train_text = "\n".join(docs["train"])
     # characters: every one in the corpus, so held-out text never meets an unknown one
@@ -81,15 +107,15 @@ def prepare(corpus, tokenizer="bpe", vocab_size=512, data_path="", cache_dir=CAC
         ids = []
         for d in ds:  # documents end with <|endoftext|>
             ids += tok.encode(d) + [tok.eot_id]
-        tmp = out / f"{split}.tmp"
+        tmp = out / f"{split}.{os.getpid()}.tmp"
         np.array(ids, dtype=np.uint16).tofile(tmp)
         os.replace(tmp, out / f"{split}.bin")
         meta[f"{split}_tokens"] = len(ids)
     tok.save(out / "tokenizer.json")
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the folder done
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_manifest(out / "manifest.json", [out / f for f in ("train.bin", "val.bin", "tokenizer.json", "meta.json")])
     if verbose:
         print(f"prepared {out}: {meta}", flush=True)
-    return out
 
 
 def load(folder):

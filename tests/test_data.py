@@ -25,7 +25,7 @@ def test_scene_is_a_pure_function_of_seed_split_index(tmp_path):
     assert split.images.shape == (12, 64, 64, 3) and split.images.dtype == np.uint8
     assert np.array_equal(split.images[5], a[0])
     again = ShapesSplit(w, "train", 12, cache_dir=tmp_path, verbose=False)  # from the cache
-    assert np.array_equal(again.images, split.images) and len(list(tmp_path.iterdir())) == 2
+    assert np.array_equal(again.images, split.images) and len(list(tmp_path.iterdir())) == 3  # + manifest
 
 
 def test_render_draws_each_object_in_its_cell_and_colour():
@@ -143,3 +143,64 @@ def test_cifar10_prepare_reads_the_python_tarball(tmp_path):
     assert np.load(out / "test_labels.npy").tolist() == [0, 1, 2, 3]
     with pytest.raises(UserError, match="CIFAR-10"):
         prepare_cifar10(tmp_path / "nowhere.tar.gz", cache_dir=tmp_path / "other")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_damaged_shapes_cache_is_detected_and_rebuilt(tmp_path, capsys, damage):
+    w = World(img_size=32)
+    first = np.array(ShapesSplit(w, "val", 40, cache_dir=tmp_path, verbose=False).images)
+    img = next(tmp_path.glob("*.img.npy"))
+    raw = img.read_bytes()
+    if damage == "truncate":
+        img.write_bytes(raw[:len(raw) // 2])
+    else:  # the same size, pixels zeroed: only the checksum can tell
+        img.write_bytes(raw[:200] + bytes(len(raw) - 200))
+    again = ShapesSplit(w, "val", 40, cache_dir=tmp_path, verbose=True)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "rebuilding" in out[0] and img.name in out[0]
+    assert np.array_equal(np.array(again.images), first)
+    ShapesSplit(w, "val", 40, cache_dir=tmp_path, verbose=True)  # sound now: nothing said
+    assert capsys.readouterr().out == ""
+
+
+def test_text_cache_follows_the_corpus_content_and_refuses_binary(tmp_path):
+    from data import text
+    corpus = tmp_path / "my.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    a = text.prepare(str(corpus), "char", cache_dir=tmp_path / "c", verbose=False)
+    corpus.write_text("a dog ran in the fog! " * 200)  # edited: same path, new words
+    b = text.prepare(str(corpus), "char", cache_dir=tmp_path / "c", verbose=False)
+    assert a != b
+    tok, splits = text.load(b)
+    assert "dog" in tok.decode(splits["train"][:40].tolist())
+    (b / "train.bin").write_bytes((b / "train.bin").read_bytes()[:-10])  # truncated
+    assert text.prepare(str(corpus), "char", cache_dir=tmp_path / "c", verbose=False) == b
+    assert len(text.load(b)[1]["train"]) == len(splits["train"])
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(UserError, match="not UTF-8"):
+        text.prepare(str(tmp_path / "bin.txt"), "char", cache_dir=tmp_path / "c")
+
+
+def crafted_tarball(path, payload_marker):
+    """A CIFAR-shaped tarball whose test_batch, when unpickled naively, runs a shell command."""
+    class Exploit:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {payload_marker}",)
+    with tarfile.open(path, "w:gz") as tar:
+        raw = pickle.dumps({b"data": Exploit(), b"labels": [0]})
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+
+
+def test_crafted_cifar_tarball_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    crafted_tarball(tmp_path / "evil.tar.gz", marker)
+    with pytest.raises(UserError, match="refusing to load posix.system|refusing to load os.system"):
+        prepare_cifar10(tmp_path / "evil.tar.gz", cache_dir=tmp_path / "cache")
+    assert not marker.exists()
+    assert not (tmp_path / "cache" / "cifar10" / "manifest.json").exists()
+    (tmp_path / "not.tar.gz").write_bytes(b"plain text, not a tarball")
+    with pytest.raises(UserError, match="not a readable cifar-10-python.tar.gz"):
+        prepare_cifar10(tmp_path / "not.tar.gz", cache_dir=tmp_path / "cache")
