@@ -1,0 +1,239 @@
+"""Bad input and faults: one line on stderr, a known exit status, and nothing the user had is lost."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import config
+import mae
+import sample
+import train
+from config import parse_overrides
+from tests.test_train import ROOT, TINY, run
+
+MLM_TINY = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained MAE run: the out_dir that no bad input may touch."""
+    out = tmp_path_factory.mktemp("trained")
+    run("train.py", "mae", *TINY, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    return out
+
+
+def snapshot(path):
+    """Everything at `path`, by content: None if absent, bytes' digest for a file, a dict for a folder."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_file():
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): snapshot(p) for p in sorted(path.rglob("*"))}
+
+
+def make_out_dir(kind, trained, tmp_path):
+    out = tmp_path / "out"
+    if kind == "trained":
+        shutil.copytree(trained, out)
+    elif kind == "file":
+        out.write_text("I am a file")
+    elif kind == "under_file":
+        (tmp_path / "f").write_text("a file")
+        out = tmp_path / "f" / "out"
+    elif kind in ("partial", "garbage"):
+        out.mkdir()
+        if kind == "partial":
+            torch.save({"idea": "mae", "model": {}}, out / "ckpt.pt")
+        else:
+            (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+        shutil.copy(out / "ckpt.pt", out / "ckpt_best.pt")
+    return out
+
+
+def files(tmp_path):
+    """Inputs the rows refer to as {name}."""
+    (tmp_path / "latin1.conf").write_bytes("lr = 1e-3 # caf\xe9\n".encode("latin-1"))
+    (tmp_path / "quote.conf").write_text("out_dir = 'runs/#1\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "notar.tar.gz").write_bytes(b"just text")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
+    return {k: str(tmp_path / v) for k, v in (("latin1", "latin1.conf"), ("quote", "quote.conf"),
+                                              ("binary", "binary.txt"), ("notar", "notar.tar.gz"),
+                                              ("imgs", "imgs"))}
+
+
+SCRIPTS = {"train": train.main, "sample": sample.main, "bench": bench.main}
+T = ["mae", *TINY]  # a valid tiny MAE run, which each row breaks in one way
+M = ["mlm", *MLM_TINY, "--batch_size=4", "--eval_iters=1"]
+
+BAD = [  # (script, out_dir kind, arguments, words the message must hold)
+    ("train", "trained", [*T, "--lr=-1"], "lr=-1.0 must be positive"),
+    ("train", "trained", [*T, "--lr=nan"], "finite number"),
+    ("train", "trained", [*T, "--lr=inf"], "finite number"),
+    ("train", "trained", [*T, "--lr=0"], "lr=0.0 must be positive"),
+    ("train", "trained", [*T, "--lr=1e-4", "--min_lr=1e-3"], "above lr"),
+    ("train", "trained", [*T, "--min_lr=-1"], "min_lr=-1.0 must be at least 0"),
+    ("train", "trained", [*T, "--patch_size=0"], "patch_size=0 must be at least 1"),
+    ("train", "trained", [*T, "--n_head=0"], "n_head=0 must be at least 1"),
+    ("train", "trained", [*T, "--n_train=0"], "n_train=0 must be at least 1"),
+    ("train", "trained", [*T, "--img_size=0"], "img_size=0 must be at least 1"),
+    ("train", "trained", [*T, "--img_size=60"], "not divisible by patch_size"),
+    ("train", "trained", [*T, "--n_embd=30", "--n_head=4"], "divisible by n_head"),
+    ("train", "trained", [*T, "--mask_ratio=1.5"], "mask_ratio=1.5"),
+    ("train", "trained", [*T, "--mask_ratio=0.99"], "no visible patch"),
+    ("train", "trained", [*T, "--masking=diagonal"], "choose from random"),
+    ("train", "trained", [*T, "--max_iters=0"], "max_iters=0 must be at least 1"),
+    ("train", "trained", [*T, "--batch_size=-2"], "batch_size=-2 must be at least 1"),
+    ("train", "trained", [*T, "--warmup_iters=-1"], "warmup_iters=-1"),
+    ("train", "trained", [*T, "--weight_decay=-0.1"], "weight_decay"),
+    ("train", "trained", [*T, "--max_iters=1.5"], "expected int"),
+    ("train", "trained", [*T, "--compile=maybe"], "expected bool"),
+    ("train", "trained", [*T, "--init_from=resumee"], "choose scratch or resume"),
+    ("train", "trained", [*T, "--dtype=float8"], "choose auto, float32"),
+    ("train", "trained", [*T, "--mask_ration=0.5"], "did you mean --mask_ratio"),
+    ("train", "trained", ["mea"], "did you mean mae"),
+    ("train", "trained", [*T, "missing.conf"], "config file not found"),
+    ("train", "trained", [*T, "{latin1}"], "not a UTF-8 text file"),
+    ("train", "trained", [*T, "{quote}"], "unbalanced quotes"),
+    ("train", "trained", [*T, "--device=cuda"], "no CUDA GPU"),
+    ("train", "trained", [*T, "--device=mps"], "MPS"),
+    ("train", "trained", [*T, "--device=tpu"], "choose auto, cpu"),
+    ("train", "trained", T, "already holds ckpt.pt and ckpt_best.pt"),
+    ("train", "trained", ["mae", "--init_from=resume", "--n_embd=64", "--n_head=2"], "n_embd=64 (checkpoint: 32)"),
+    ("train", "trained", ["mlm", "--init_from=resume"], "'mae' checkpoint, not 'mlm'"),
+    ("train", "empty", ["mae", "--init_from=resume"], "no checkpoint"),
+    ("train", "partial", ["mae", "--init_from=resume"], "lacks optimizer"),
+    ("train", "garbage", ["mae", "--init_from=resume"], "cannot read checkpoint"),
+    ("train", "file", T, "is a file, not a folder"),
+    ("train", "under_file", T, "not writable"),
+    ("train", "empty", [*T, "--dataset=folder"], "needs --data_path"),
+    ("train", "empty", [*T, "--dataset=folder", "--data_path=/nonexistent"], "image folder not found"),
+    ("train", "empty", [*T, "--dataset=folder", "--data_path={imgs}"], "cannot read image"),
+    ("train", "empty", [*T, "--dataset=cifar10", "--data_path={notar}"], "not a readable cifar-10"),
+    ("train", "empty", [*M, "--block_size=0"], "block_size=0 must be at least 2"),
+    ("train", "empty", [*M, "--corpus={binary}"], "not UTF-8"),
+    ("train", "empty", [*M, "--objective=gpt"], "choose bert or diffusion"),
+    ("train", "empty", [*M, "--mask_prob=0"], "mask_prob=0.0"),
+    ("train", "empty", [*M, "--tokenizer=bpe", "--vocab_size=10"], "vocab_size=10"),
+    ("sample", "trained", ["mae", "--n=0"], "n=0 must be at least 1"),
+    ("sample", "trained", ["mae", "--n=-2"], "n=-2 must be at least 1"),
+    ("sample", "trained", ["mae", "--mask_ratio=1.5"], "mask_ratio=1.5"),
+    ("sample", "trained", ["mlm", "--steps=0"], "steps=0 must be at least 1"),
+    ("sample", "trained", ["mlm", "--top_k=-3"], "top_k=-3"),
+    ("sample", "trained", ["mlm", "--temperature=-1"], "temperature=-1.0"),
+    ("sample", "trained", ["mae", "--device=cuda"], "no CUDA GPU"),
+    ("sample", "trained", ["mae", "--image={notar}"], "cannot read image"),
+    ("sample", "partial", ["mae"], "lacks optimizer"),
+    ("sample", "empty", ["mae"], "no checkpoint"),
+    ("bench", "empty", ["mae", "--steps=0"], "steps=0 must be at least 1"),
+    ("bench", "empty", ["mae", "--device=mps"], "MPS"),
+    ("bench", "empty", ["nope"], "no benchmark for 'nope'"),
+]
+
+
+@pytest.mark.parametrize("script, kind, args, words", BAD, ids=[f"{s}:{' '.join(a[len(T):] if a[:len(T)] == T else a)}"
+                                                                for s, _, a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, trained,
+                                                          script, kind, args, words):
+    if "cifar10" in " ".join(args) and (ROOT / "data/cache/cifar10/manifest.json").exists():
+        pytest.skip("a prepared CIFAR-10 cache is used whatever the path")
+    out = make_out_dir(kind, trained, tmp_path)
+    named = files(tmp_path)
+    args = [a.format(**named) for a in args] + ([f"--out_dir={out}"] if script != "bench" else [])
+    before = snapshot(out)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as e:
+        config.cli(SCRIPTS[script])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert words in err, err
+    assert snapshot(out) == before
+
+
+def tiny_module(on_train_batch):
+    """mae's face, with a Data that calls on_train_batch(n) at the n-th gradient-enabled train batch."""
+    class Data(mae.Data):
+        calls = 0
+
+        def batch(self, split, pos, batch_size, device):
+            if split == "train" and torch.is_grad_enabled():
+                Data.calls += 1
+                on_train_batch(Data.calls)
+            return super().batch(split, pos, batch_size, device)
+    return types.SimpleNamespace(Config=mae.Config, train_defaults=mae.train_defaults, Model=mae.Model,
+                                 Data=Data, evaluate=mae.evaluate)
+
+
+def test_interrupting_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    # the 1st grad-enabled batch is for FLOP counting; the 2nd is the first step, at lr 1e30
+    module = tiny_module(lambda n: n == 2 and os.kill(os.getpid(), signal.SIGINT))
+    tc, mc = train.build_configs(module, parse_overrides([*TINY, "--lr=1e30", "--min_lr=0", "--warmup_iters=0",
+                                                          "--max_iters=50", f"--out_dir={tmp_path}"],
+                                                         train.TrainConfig, mae.Config))
+    with pytest.raises(SystemExit) as e:
+        train.train("mae", tc, mc, module)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "diverged" in err and "last good checkpoint" in err
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    assert ckpt["iter"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not list(tmp_path.glob("*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
+    p = subprocess.Popen([sys.executable, "train.py", "mae", *TINY, "--max_iters=100000", "--log_interval=1",
+                          f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("iter 3/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    p.stdout.read()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 143, err
+    assert "interrupted at iteration" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    it = train.load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"]
+    assert it >= 3
+    p = run("train.py", "mae", "--init_from=resume", f"--max_iters={it + 2}", f"--out_dir={tmp_path}")
+    assert f"resumed from {tmp_path / 'ckpt.pt'} at iteration {it}" in p.stdout
+    assert train.load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"] == it + 2
+
+
+def test_ctrl_c_during_startup_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "train.py", "mae", "--n_train=40000", "--img_size=32", f"--out_dir={out}"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("device "):  # imports done; now rendering 40,000 scenes
+            time.sleep(0.5)
+            p.send_signal(signal.SIGINT)
+            break
+    p.stdout.read()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 130 and err.strip() == "interrupted", err
+    assert not out.exists()
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
+    lock = train.lock_out_dir(tmp_path)  # as a running train.py holds it
+    try:
+        p = run("train.py", "mae", *TINY, "--max_iters=2", f"--out_dir={tmp_path}", check=False)
+        assert p.returncode == 2 and "another run is training" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    finally:
+        os.close(lock)
+    run("train.py", "mae", *TINY, "--max_iters=2", f"--out_dir={tmp_path}")  # free again: it runs
+    assert (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob("*.tmp"))
