@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run: `python bench.py mae [--steps=N]`.
+"""Speed, measured side by side in one run: `python bench.py mae|mlm|vlm|hallucination [--steps=N]`.
 
 Absolute times on shared machines are noisy; the ratios in one run are what to read. Each
 training configuration runs in a fresh process, so its peak memory is its own.
@@ -38,7 +38,7 @@ def time_steps(model, make_batch, steps, forward=None):
         forward(batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if batch.is_cuda:
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[len(times[2:]) // 2]
@@ -166,7 +166,64 @@ def bench_mlm(bc):
           f"encodes {n / t_enc:,.0f} tokens/s ({len(corpus) / n:.2f} bytes/token)")
 
 
-BENCHES = {"mae": bench_mae, "mlm": bench_mlm}
+def bench_vlm(bc):
+    import vlm
+    device = pick_device(bc.device)
+    default = vlm.Config()
+    larger = replace(default, n_layer=6, n_embd=256, n_head=8)
+    train_rows("vlm", (("default (vision 4x128, fused 4x128, 16 img tokens)", default),
+                       ("larger (vision 4x128, fused 6x256)", larger)), bc, device)
+    torch.manual_seed(0)
+    model = vlm.VLM(default).to(device).eval()
+    with torch.no_grad():
+        model.head_bias[model.tok.eot_id] = -1e9  # never stop early: every row writes all 32 tokens
+    data = vlm.Data(default, seed=TrainConfig.seed, verbose=False)
+    print("\ngeneration, 32 new tokens after image + 'describe the image.' (greedy):")
+    for bs in (1, 32):
+        b = data.batch("val", 0, bs, device)
+        speed = {}
+        for cache in (True, False):
+            vlm.generate(model, b["images"], b["prompt"], 4, use_cache=cache)  # warm-up
+            t0 = time.perf_counter()
+            out = vlm.generate(model, b["images"], b["prompt"], 32, use_cache=cache)
+            speed[cache] = out.numel() / (time.perf_counter() - t0)
+        print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | recomputing {speed[False]:>8,.0f} tokens/s"
+              f" | speed-up {speed[True] / speed[False]:.1f}x")
+
+
+def bench_hallucination(bc):
+    import numpy as np
+    import hallucination as H
+    import vlm
+    device = pick_device(bc.device)
+    torch.manual_seed(0)
+    cfg = vlm.Config()
+    model = vlm.VLM(cfg).to(device).eval()
+    with torch.no_grad():
+        model.head_bias[model.tok.eot_id] = -1e9  # no early stop: every method writes the same tokens
+    data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
+    sc = H.StudyConfig()
+    idx = np.arange(100)
+    pope = data.make_batch("val", idx, [("is there a star?", "")] * len(idx), device)
+    caps = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
+    print(f"device {device}, {torch.get_num_threads()} threads; 100 scenes a batch, median of {bc.steps} runs; "
+          f"branches batched, each with its own KV cache\n")
+    print(f"{'method':<30}{'branches':>9}{'ms / POPE answer':>18}{'ms / caption':>14}{'x greedy':>10}")
+    base = None
+    for name, method in H.methods(sc).items():
+        row = []
+        for b, n_tokens in ((pope, 3), (caps, 40)):
+            def run():
+                t0 = time.perf_counter()
+                H.decode(model, b["images"], b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0))
+                return time.perf_counter() - t0
+            run()  # warm-up
+            row.append(sorted(run() for _ in range(bc.steps))[bc.steps // 2] / len(idx) * 1000)
+        base = base or row
+        print(f"{name:<30}{len(method[0]):>9}{row[0]:>18.2f}{row[1]:>14.2f}{row[1] / base[1]:>9.2f}x")
+
+
+BENCHES = {"mae": bench_mae, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}
 
 
 def main(argv):

@@ -77,9 +77,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None, is_causal=False):
+    def forward(self, x, attn_mask=None, is_causal=False, kv_cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        if kv_cache is not None:  # generation: the new positions also attend to every cached one
+            if "k" in kv_cache:
+                k = torch.cat([kv_cache["k"], k], dim=2)  # (B, h, T_cached + T, hd)
+                v = torch.cat([kv_cache["v"], v], dim=2)
+            kv_cache["k"], kv_cache["v"] = k, v
         # a mask and is_causal together are ambiguous in SDPA: callers pass one or the other
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            is_causal=is_causal and attn_mask is None)  # (B, h, T, hd)
@@ -87,7 +92,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)). kv_cache: a dict this
+    layer keeps its keys and values in, for generation one token at a time."""
 
     def __init__(self, dim, n_head, mlp_ratio=4.0):
         super().__init__()
@@ -97,8 +103,8 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.attn(self.norm1(x), attn_mask, is_causal)
+    def forward(self, x, attn_mask=None, is_causal=False, kv_cache=None):
+        x = x + self.attn(self.norm1(x), attn_mask, is_causal, kv_cache)
         return x + self.mlp(self.norm2(x))
 
 

@@ -6,7 +6,11 @@ mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
 mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for each blank;
      --generate writes text from an all-[MASK] sequence (or fills the prompt's blanks) and shows
      the intermediate steps, so you see the text appear.
+vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH...] with --prompt
+     (default: describe the image.); prints each answer and saves a PNG grid with prompt and answer
+     under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,8 @@ import torch
 
 from data import UserError, at_least
 from config import cli, config_help, load_idea, parse_overrides
+from data.shapes import caption
+from mae import to_tensor
 from train import load_checkpoint, pick_device
 
 
@@ -25,9 +31,11 @@ class SampleConfig:
     device: str = "auto"
     seed: int = 0
     n: int = 8                     # how many held-out examples
-    image: str = ""                # mae: your own image file(s), comma-separated
+    image: str = ""                # mae, vlm: your own image file(s), comma-separated
+    scenes: str = ""               # vlm: held-out scene indices, comma-separated (default: the first n)
+    split: str = "val"             # vlm: val (the world's bias) | ood (bias broken)
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
-    prompt: str = ""               # mlm: text with [MASK] blanks
+    prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question
     generate: bool = False         # mlm: write text by unmasking
     method: str = "maskgit"        # mlm: maskgit | mdlm
     steps: int = 16                # mlm: unmasking steps
@@ -39,6 +47,8 @@ class SampleConfig:
         at_least(self, 0, "top_k", "temperature")
         if self.mask_ratio != -1 and not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1), or -1 for the model's own")
+        if self.split not in ("val", "ood"):
+            raise UserError(f"split={self.split!r}; choose val or ood")
         pick_device(self.device)
 
 
@@ -46,8 +56,8 @@ def load_model(idea, sc):
     """-> (module, model in eval mode on its device, its Config, the checkpoint)."""
     module = load_idea(idea)
     ckpt = load_checkpoint(Path(sc.out_dir or f"out-{idea}") / sc.ckpt, idea)
-    try:
-        cfg = module.Config(**ckpt["config"]["model"])
+    try:  # init_* keys name where training started from; the checkpoint's weights replace them
+        cfg = module.Config(**{k: "" if k.startswith("init_") else v for k, v in ckpt["config"]["model"].items()})
         model = module.Model(cfg)
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as e:
@@ -59,7 +69,7 @@ def load_model(idea, sc):
 @torch.no_grad()
 def sample_mae(sc):
     from data.images import load_image
-    from mae import patchify, to_tensor, unpatchify
+    from mae import patchify, unpatchify
     module, model, cfg, ckpt = load_model("mae", sc)
     device = next(model.parameters()).device
     if sc.image:
@@ -142,7 +152,81 @@ def sample_mlm(sc):
     print(f"\n{show(out)}")
 
 
-SAMPLERS = {"mae": sample_mae, "mlm": sample_mlm}
+def scene_images(sc, cfg, data):
+    """-> (uint8 images (N, H, W, 3), names, scene indices or None) from --image or --scenes."""
+    from data.images import load_image
+    if sc.image:
+        paths = sc.image.split(",")
+        return np.stack([load_image(p, cfg.img_size) for p in paths]), [Path(p).name for p in paths], None
+    try:
+        idx = [int(i) for i in sc.scenes.split(",")] if sc.scenes else list(range(sc.n))
+    except ValueError:
+        raise UserError(f"--scenes={sc.scenes!r}: expected comma-separated scene numbers") from None
+    n = len(data.shapes[sc.split])
+    if not all(0 <= i < n for i in idx):
+        raise UserError(f"--scenes: the {sc.split} split has scenes 0 to {n - 1}")
+    return np.stack([data.shapes[sc.split].images[i] for i in idx]), [f"{sc.split} {i}" for i in idx], idx
+
+
+@torch.no_grad()
+def sample_vlm(sc):
+    import vlm
+    module, model, cfg, ckpt = load_model("vlm", sc)
+    device, tok = next(model.parameters()).device, model.tok
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    images, names, idx = scene_images(sc, cfg, data)
+    imgs = to_tensor(images, device)
+    prompt = sc.prompt or vlm.CAPTION_PROMPT
+    torch.manual_seed(sc.seed)
+    if cfg.objective == "mlm":  # fill the blanks of a caption, given each image
+        if "[MASK]" not in prompt:
+            raise UserError('an --objective=mlm model fills blanks: --prompt="a large [MASK] circle"')
+        ids = data.encode([prompt.replace(" [MASK]", "[MASK]")] * len(names), left_pad=False).to(device)
+        x, key_valid, n_prefix = model.sequence(imgs, ids[:, :0], ids)
+        probs = torch.softmax(model.run(x, key_valid[:, None, None, :])[:, n_prefix:] / max(sc.temperature, 1e-6), -1)
+        blanks = (ids[0] == tok.mask_id).nonzero().flatten().tolist()
+        answers = []
+        for r, name in enumerate(names):
+            print(f"{name}:")
+            for n, i in enumerate(blanks, 1):
+                p, top = probs[r, i].topk(max(sc.top_k, 5))
+                print(f"  [MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
+            filled = torch.where(ids[r] == tok.mask_id, probs[r].argmax(-1), ids[r])
+            answers.append(tok.decode([t for t in filled.tolist() if t != tok.pad_id]).strip())
+            print(f"  most likely: {answers[-1]}")
+    else:
+        prompt_ids = data.encode([prompt] * len(names), left_pad=True).to(device)
+        out = vlm.generate(model, imgs, prompt_ids, 40, sc.temperature, sc.top_k)
+        answers = [tok.decode([t for t in ids if t not in (tok.eot_id, tok.pad_id)]).strip() for ids in out.tolist()]
+        for name, a in zip(names, answers):
+            print(f"{name}: {a}")
+    truth = [caption(data.shapes[sc.split].scene(i)) for i in idx] if idx is not None else None
+    out_path = Path(sc.out_dir or "out-vlm") / "sample_vlm.png"
+    draw_grid(images, names, prompt, answers, truth, out_path)
+    print(f"wrote {out_path}")
+
+
+def draw_grid(images, names, prompt, answers, truth, path):
+    import textwrap
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (img, name, answer) in enumerate(zip(images, names, answers)):
+        ax = axes.flat[k]
+        ax.imshow(img)
+        text = f"{name}\nQ: {prompt}\nA: {answer}" + (f"\ntrue: {truth[k]}" if truth else "")
+        ax.set_title("\n".join(textwrap.fill(line, 34) for line in text.split("\n")), fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+SAMPLERS = {"mae": sample_mae, "mlm": sample_mlm, "vlm": sample_vlm}
 
 
 def main(argv):

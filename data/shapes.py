@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -132,6 +133,29 @@ def caption(objs):
     """'a large red circle, a small blue square and a large green triangle' (reading order)."""
     parts = [f"a {describe(o)}" for o in objs.tolist()]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+CAPTION_RE = re.compile(r"\b(?:(small|large) )?(?:(%s) )?(%s)\b" % ("|".join(COLOUR_NAMES), "|".join(SHAPES)))
+
+
+def parse_caption(text):
+    """Caption text -> [(size, colour, shape)] as indices, one per shape word; a size or colour the
+    text leaves out is -1. The inverse of caption() on its own output, and lenient with a model's."""
+    return [(SIZES.index(m[1]) if m[1] else -1, COLOUR_NAMES.index(m[2]) if m[2] else -1, SHAPES.index(m[3]))
+            for m in CAPTION_RE.finditer(text.lower())]
+
+
+def object_match(said, objs):
+    """-> (true positives, objects said, objects present): a said object counts as right when a
+    not-yet-matched object of the scene has its shape and whatever size and colour it names."""
+    left = [tuple(o) for o in objs[:, [2, 1, 0]].tolist()]  # (size, colour, shape)
+    tp = 0
+    for size, colour, shape in said:
+        hit = next((o for o in left if o[2] == shape and size in (-1, o[0]) and colour in (-1, o[1])), None)
+        if hit:
+            left.remove(hit)
+            tp += 1
+    return tp, len(said), len(objs)
 
 
 def questions(world, split, index, objs):

@@ -1,0 +1,436 @@
+"""Object hallucination: measure it with POPE and CHAIR, reduce it with contrastive decoding, and
+hold every method against honest controls. `python hallucination.py [--ckpt=PATH] [--key=value ...]`
+
+A vision-language model trained on a biased world (circles come with squares, triangles with stars,
+diamonds with crosses) learns the bias along with the pixels, and says "square" where there is none.
+In the shapes world the truth is exact, so hallucination is counted, not guessed:
+    POPE (Li et al. 2023)      "is there a {shape}?", half about present shapes, half about absent
+                               ones drawn at random, among the most frequent (popular), or among
+                               those that co-occur most with what is present (adversarial).
+    CHAIR (Rohrbach et al. 2018) shapes a caption names that are not in the scene, per mention
+                               (CHAIR_i) and per caption (CHAIR_s), beside object recall, all at one
+                               fixed caption length, so no method wins by saying less.
+Decoding methods are small functions on next-token logits. Their branches (the clean image, a noised
+one, a blank one, a flipped one) run as one batch, each row with its own KV cache (vlm.start/step):
+    VCD (Leng et al. 2024)     (1+a)*logits(image) - a*logits(image under diffusion noise, t=500),
+                               with the adaptive plausibility cut (tokens with p < b * max p: -inf)
+    the cut alone              the control: how much of VCD's gain is the cut, not the contrast
+    no-image contrast          the same formula against a blank canvas (the language prior; as in
+                               M3ID's unconditioned branch, without its length schedule)
+    RITUAL (Woo et al. 2024)   logits(image) + k*logits(randomly flipped or rotated image), cut
+and a data-side control: the same VLM trained on the unbiased world, decoded greedily.
+"""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vlm
+from config import cli, config_help, parse_overrides
+from data import UserError, at_least
+from data.shapes import PARTNER, SHAPES, caption, object_match, parse_caption
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+@dataclass
+class StudyConfig:
+    ckpt: str = ""               # the study's VLM; default: out_dir/biased/ckpt.pt, trained first if missing
+    control_ckpt: str = ""       # the same VLM on the unbiased world; default: out_dir/unbiased/ckpt.pt
+    out_dir: str = "out-hallucination"
+    seeds: int = 3               # evaluation seeds: scenes, absent objects, noise, transforms, sampling
+    n_scenes: int = 300          # POPE scenes per split and seed: one yes and one no question each
+    n_captions: int = 200        # CHAIR captions per seed
+    caption_tokens: int = 40     # one fixed caption length for every method
+    alpha: float = 1.0           # VCD contrast strength
+    beta: float = 0.1            # plausibility cut
+    noise_step: int = 500        # VCD's diffusion step (of 1000)
+    kappa: float = 1.0           # RITUAL: weight of the transformed image's logits
+    device: str = "auto"
+
+    def __post_init__(self):
+        at_least(self, 1, "seeds", "n_scenes", "n_captions", "caption_tokens")
+        at_least(self, 0, "alpha", "kappa")
+        if not 0 < self.beta <= 1:
+            raise UserError(f"beta={self.beta} must be in (0, 1]")
+        if not 0 <= self.noise_step < 1000:
+            raise UserError(f"noise_step={self.noise_step} must be in [0, 1000)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding methods: functions on logits
+
+def noise_coefficients(t, steps=1000):
+    """VCD's forward diffusion at step t: x_t = a * x_0 + s * eps -> (a, s), sigmoid beta schedule."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    alpha_bar = torch.cumprod(1 - betas, 0)[t]
+    return alpha_bar.sqrt().item(), (1 - alpha_bar).sqrt().item()
+
+
+def plausibility_cut(logits, beta=0.1):
+    """Keep tokens with p >= beta * max p (at temperature 1); the rest -inf."""
+    cutoff = math.log(beta) + logits.max(-1, keepdim=True).values
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def contrastive_logits(logits, logits_cd, alpha=1.0, beta=0.1):
+    """VCD: (1+alpha)*logits - alpha*logits_cd, with the plausibility cut computed on the clean logits."""
+    cutoff = math.log(beta) + logits.max(-1, keepdim=True).values
+    scores = (1 + alpha) * logits - alpha * logits_cd
+    return scores.masked_fill(logits < cutoff, float("-inf"))
+
+
+def noised(images, t, gen):
+    a, s = noise_coefficients(t)
+    return a * images + s * torch.randn(images.shape, generator=gen).to(images.device)
+
+
+def transformed(images, gen):
+    """RITUAL's random transformations that keep what is in a scene: flips and quarter turns."""
+    out = []
+    for img, k in zip(images, torch.randint(0, 4, (len(images),), generator=gen).tolist()):
+        out.append(img.flip(-1) if k == 0 else img.flip(-2) if k == 1 else torch.rot90(img, k - 1, (-2, -1)))
+    return torch.stack(out)
+
+
+def methods(sc):
+    """name -> (branches, combine(list of logits) -> scores, sample?)."""
+    a, b, k = sc.alpha, sc.beta, sc.kappa
+    return {
+        "greedy": (("clean",), lambda l: l[0], False),
+        "sampling": (("clean",), lambda l: l[0], True),
+        "cut only (sampling)": (("clean",), lambda l: plausibility_cut(l[0], b), True),
+        "VCD (sampling)": (("clean", "noised"), lambda l: contrastive_logits(l[0], l[1], a, b), True),
+        "VCD (greedy)": (("clean", "noised"), lambda l: contrastive_logits(l[0], l[1], a, b), False),
+        "no-image contrast (sampling)": (("clean", "blank"), lambda l: contrastive_logits(l[0], l[1], a, b), True),
+        "RITUAL (sampling)": (("clean", "transformed"), lambda l: plausibility_cut(l[0] + k * l[1], b), True),
+    }
+
+
+def branch_images(images, branches, sc, gen):
+    make = {"clean": lambda: images, "noised": lambda: noised(images, sc.noise_step, gen),
+            "blank": lambda: vlm.blank_like(images), "transformed": lambda: transformed(images, gen)}
+    return torch.cat([make[b]() for b in branches])  # (n_branches * B, 3, H, W)
+
+
+@torch.no_grad()
+def decode(model, images, prompt, method, sc, max_new_tokens, gen):
+    """One method over a batch: all branches in one forward per token, each row with its own cache.
+    -> (tokens (B, T), first-step scores (B, V))."""
+    branches, combine, sample = method
+    nb, B = len(branches), images.shape[0]
+    logits, state = model.start(branch_images(images, branches, sc, gen), prompt.repeat(nb, 1))
+    pad, eot = model.tok.pad_id, model.tok.eot_id
+    out, done, first = [], torch.zeros(B, dtype=torch.bool, device=images.device), None
+    for _ in range(max_new_tokens):
+        scores = combine(list(logits.view(nb, B, -1)))  # (B, V)
+        first = scores if first is None else first
+        if sample:
+            u = torch.rand(scores.shape, generator=gen).to(scores.device)
+            token = (scores.float().log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)  # Gumbel max
+        else:
+            token = scores.argmax(-1)
+        out.append(torch.where(done, pad, token))
+        done |= token == eot
+        if done.all():
+            break
+        logits = model.step(state, token.repeat(nb))
+    return torch.stack(out, 1), first
+
+
+def text_of(model, ids):
+    return model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# POPE and CHAIR
+
+def shape_stats(data):
+    """From the training split: shape frequency and P(shape b present | shape a present)."""
+    objs = data.shapes["train"].objects[:, :, 0]  # (N, max_objects), -1 = none
+    present = np.stack([(objs == s).any(1) for s in range(len(SHAPES))], 1).astype(np.float64)  # (N, 6)
+    freq = present.mean(0)
+    cooc = (present.T @ present) / np.maximum(present.sum(0)[:, None], 1)  # (6, 6): row a, column b
+    return freq, cooc
+
+
+def pope_questions(data, split, n_scenes, seed, freq, cooc):
+    """-> [(scene, shape, label)], one present and one absent shape per scene: exactly half 'yes'."""
+    rng = np.random.default_rng([seed, POPE_SPLITS.index(split)])
+    scenes = rng.choice(len(data.shapes["val"]), size=n_scenes, replace=False)
+    out = []
+    for i in scenes.tolist():
+        shapes = sorted(set(data.shapes["val"].scene(i)[:, 0].tolist()))
+        absent = [s for s in range(len(SHAPES)) if s not in shapes]
+        if not absent:
+            continue
+        if split == "random":
+            no = int(rng.choice(absent))
+        elif split == "popular":
+            no = max(absent, key=lambda s: freq[s])
+        else:  # the absent shape that co-occurs most with those present
+            no = max(absent, key=lambda s: max(cooc[p, s] for p in shapes))
+        out += [(i, int(rng.choice(shapes)), "yes"), (i, no, "no")]
+    return out
+
+
+def pope_metrics(labels, answers):
+    """labels, answers: lists of 'yes'/'no' (answers may hold None: unparsable, counted as not 'yes')."""
+    tp = sum(l == "yes" and a == "yes" for l, a in zip(labels, answers))
+    fp = sum(l == "no" and a == "yes" for l, a in zip(labels, answers))
+    fn = sum(l == "yes" and a != "yes" for l, a in zip(labels, answers))
+    n = len(labels)
+    p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
+    return {"accuracy": sum(l == a for l, a in zip(labels, answers)) / n, "precision": p, "recall": r,
+            "f1": 2 * p * r / max(1e-9, p + r), "yes_ratio": sum(a == "yes" for a in answers) / n,
+            "unparsable": sum(a is None for a in answers)}
+
+
+def parse_yes_no(text):
+    """Strict: 'yes' or 'no' only as the first word, else None (never silently a yes)."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def chair(captions, scenes):
+    """captions: texts; scenes: object arrays. -> CHAIR_i, CHAIR_s, recall (shapes as the objects;
+    a shape said twice where there is one counts one hallucination)."""
+    mentions = hallucinated = bad_captions = hits = n_objects = 0
+    for text, objs in zip(captions, scenes):
+        said = [(-1, -1, shape) for _, _, shape in parse_caption(text)]
+        tp, n_said, n_true = object_match(said, objs)
+        mentions, hallucinated = mentions + n_said, hallucinated + n_said - tp
+        bad_captions += n_said > tp
+        hits, n_objects = hits + tp, n_objects + n_true
+    return {"chair_i": hallucinated / max(1, mentions), "chair_s": bad_captions / max(1, len(captions)),
+            "recall": hits / max(1, n_objects)}
+
+
+@torch.no_grad()
+def run_method(model, data, name, method, sc, seed, freq, cooc, device, records, batch_size=200):
+    """POPE on the three splits and CHAIR captions for one method and seed -> flat dict of figures."""
+    gen = torch.Generator().manual_seed(seed)
+    yes, no = (model.tok.encode(" yes")[0], model.tok.encode(" no")[0])
+    out = {}
+    for split in POPE_SPLITS:
+        qs = pope_questions(data, split, sc.n_scenes, seed, freq, cooc)
+        labels, by_text, by_prob = [], [], []
+        for k in range(0, len(qs), batch_size):
+            chunk = qs[k:k + batch_size]
+            b = data.make_batch("val", np.array([c[0] for c in chunk]),
+                                [(f"is there a {SHAPES[c[1]]}?", "") for c in chunk], device)
+            tokens, first = decode(model, b["images"], b["prompt"], method, sc, 3, gen)
+            for (scene, shape, label), ids, s in zip(chunk, tokens.tolist(), first):
+                raw = text_of(model, ids)
+                labels.append(label)
+                by_text.append(parse_yes_no(raw))
+                by_prob.append("yes" if s[yes] > s[no] else "no")
+                records.append({"scene": scene, "split": split, "question": f"is there a {SHAPES[shape]}?",
+                                "label": label, "method": name, "seed": seed, "parsed": by_text[-1], "raw": raw})
+        out.update({f"pope_{split}_{k}": v for k, v in pope_metrics(labels, by_text).items()})
+        out.update({f"pope_{split}_prob_{k}": v for k, v in pope_metrics(labels, by_prob).items() if k != "unparsable"})
+    rng = np.random.default_rng([seed, 7])
+    scenes = rng.choice(len(data.shapes["val"]), size=min(sc.n_captions, len(data.shapes["val"])), replace=False)
+    texts = []
+    for k in range(0, len(scenes), batch_size):
+        idx = scenes[k:k + batch_size]
+        b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
+        tokens, _ = decode(model, b["images"], b["prompt"], method, sc, sc.caption_tokens, gen)
+        texts += [text_of(model, ids) for ids in tokens.tolist()]
+    out.update(chair(texts, [data.shapes["val"].scene(i) for i in scenes]))
+    out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
+    return out
+
+
+@torch.no_grad()
+def image_attention(model, images, prompt, answer):
+    """For each answer token: the share of attention (mean over layers and heads) that the position
+    predicting it pays to the image tokens. SDPA does not return its weights, so they are recomputed
+    here from each block's own query and key projections."""
+    x, key_valid, n_prefix = model.sequence(images, prompt, answer)
+    mask = vlm.prefix_lm_mask(key_valid, n_prefix)  # (B, 1, S, S)
+    n_img = x.shape[1] - prompt.shape[1] - answer.shape[1]
+    shares = []
+    for blk in model.blocks:
+        B, S, C = x.shape
+        nh = blk.attn.n_head
+        q, k, _ = blk.attn.qkv(blk.norm1(x)).view(B, S, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
+        w = (q @ k.transpose(-1, -2) / math.sqrt(C // nh)).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, h, S, S)
+        shares.append(w[..., :n_img].sum(-1).mean(1))  # (B, S)
+        x = blk(x, attn_mask=mask)
+    return torch.stack(shares).mean(0)[:, -answer.shape[1] - 1:-1]  # (B, A)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study: models, the table, the pictures
+
+def study_model(path, out_dir, name, extra):
+    """A trained VLM from `path`, or the study's config trained into out_dir/name first."""
+    from sample import load_model, SampleConfig
+    path = Path(path or Path(out_dir) / name / "ckpt.pt")
+    if not path.exists() and path.parent == Path(out_dir) / name:
+        import train
+        print(f"training the study's {name} model into {path.parent} (python train.py vlm config/vlm_study.conf "
+              f"{' '.join(extra)})", flush=True)
+        train.main(["vlm", str(Path(__file__).parent / "config/vlm_study.conf"), *extra, f"--out_dir={path.parent}"])
+    _, model, cfg, ckpt = load_model("vlm", SampleConfig(out_dir=str(path.parent), ckpt=path.name))
+    if cfg.objective != "prefix":
+        raise UserError(f"{path} is an --objective={cfg.objective} model; POPE and CHAIR need one that answers")
+    return model, cfg, ckpt
+
+
+def mean_std(rows, key):
+    v = np.array([r[key] for r in rows])
+    return float(v.mean()), float(v.std())
+
+
+COLUMNS = [(f"pope_{s}_{m}", f"{s[:3]} {m}") for s in POPE_SPLITS for m in ("accuracy", "f1", "yes_ratio")] + \
+          [("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("recall", "recall")]
+
+
+def table(results):
+    head = "| method | " + " | ".join(label.replace("accuracy", "acc").replace("yes_ratio", "yes") for _, label in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, rows in results.items():
+        cells = []
+        for key, _ in COLUMNS:
+            m, s = mean_std(rows, key)
+            cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_bars(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, title) in zip(axes, (("pope_random_f1", "POPE F1, random"), ("pope_adversarial_f1", "POPE F1, adversarial"),
+                                       ("chair_i", "CHAIR_i (lower is better)"))):
+        m = [100 * mean_std(results[n], key)[0] for n in names]
+        s = [100 * mean_std(results[n], key)[1] for n in names]
+        ax.barh(range(len(names)), m, xerr=s, color=["tab:gray" if "unbiased" in n else "tab:blue" for n in names])
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if ax is axes[0] else [], fontsize=8)
+        ax.set_title(title)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def marked(text, objs):
+    """The caption with every hallucinated shape word marked [like this]."""
+    present = objs[:, 0].tolist()
+    words = []
+    for w in text.split():
+        shape = w.strip(",.").lower()
+        if shape in SHAPES and SHAPES.index(shape) in present:
+            present.remove(SHAPES.index(shape))
+        elif shape in SHAPES:
+            w = f"[{w.strip(',.')}✗]" + ("," if w.endswith(",") else "")
+        words.append(w)
+    return " ".join(words)
+
+
+@torch.no_grad()
+def pictures(model, data, sc, device, out_dir, n=6):
+    """Scenes where greedy decoding hallucinates: the greedy and the VCD caption under each; and how
+    much attention a hallucinated caption pays to the image, beside a correct one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import textwrap
+    ms = methods(sc)
+    idx = np.arange(min(len(data.shapes["val"]), 400))
+    b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
+    gen = torch.Generator().manual_seed(0)
+    greedy = [text_of(model, t) for t in decode(model, b["images"], b["prompt"], ms["greedy"], sc, sc.caption_tokens, gen)[0].tolist()]
+    vcd = [text_of(model, t) for t in decode(model, b["images"], b["prompt"], ms["VCD (greedy)"], sc, sc.caption_tokens, gen)[0].tolist()]
+    bad = [i for i in idx if chair([greedy[i]], [data.shapes["val"].scene(i)])["chair_s"] > 0]
+    good = [i for i in idx if greedy[i] == caption(data.shapes["val"].scene(i))]
+    show = (bad + good)[:n]
+    fig, axes = plt.subplots(1, len(show), figsize=(3.3 * len(show), 4.6), squeeze=False)
+    for ax, i in zip(axes[0], show):
+        objs = data.shapes["val"].scene(i)
+        ax.imshow(data.shapes["val"].images[i])
+        ax.axis("off")
+        text = f"val {i}\ngreedy: {marked(greedy[i], objs)}\nVCD: {marked(vcd[i], objs)}"
+        ax.set_title("\n".join(textwrap.fill(line, 36) for line in text.split("\n")), fontsize=7, loc="left")
+    fig.suptitle("[shape✗] = a shape the scene does not have", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "captions.png", dpi=100)
+    plt.close(fig)
+    if not bad or not good:
+        return {"hallucinated_scenes": len(bad), "correct_scenes": len(good)}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, label in ((bad[0], "hallucinated"), (good[0], "correct")):
+        answer = data.encode([greedy[i]], left_pad=False).to(device)
+        share = image_attention(model, b["images"][i:i + 1], b["prompt"][i:i + 1], answer)[0]
+        words = [model.tok.token_str(t).strip() for t in answer[0].tolist()]
+        ax.plot(share.cpu().numpy(), "o-", label=f"{label} (val {i})")
+        for x, (w, y) in enumerate(zip(words, share.tolist())):
+            bad_word = label == "hallucinated" and w in SHAPES and SHAPES.index(w) not in data.shapes["val"].scene(i)[:, 0]
+            ax.annotate(w, (x, y), fontsize=6, rotation=60, color="red" if bad_word else "black")
+    ax.set_xlabel("caption token")
+    ax.set_ylabel("attention on image tokens")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "attention.png", dpi=100)
+    plt.close(fig)
+    return {"hallucinated_scenes": len(bad), "correct_scenes": len(good)}
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("\n\n")[0])
+        print(config_help(StudyConfig))
+        return
+    sc = StudyConfig(**parse_overrides(argv, StudyConfig))
+    from train import pick_device
+    device = pick_device(sc.device)
+    out_dir = Path(sc.out_dir)
+    model, cfg, ckpt = study_model(sc.ckpt, out_dir, "biased", [])
+    control, _, _ = study_model(sc.control_ckpt, out_dir, "unbiased", ["--cooccur=0", "--skew=0"])
+    model, control = model.to(device), control.to(device)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    if sc.n_scenes > len(data.shapes["val"]):
+        raise UserError(f"n_scenes={sc.n_scenes}: the model's val split has {len(data.shapes['val'])} scenes")
+    freq, cooc = shape_stats(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [(name, model, m) for name, m in methods(sc).items()] + \
+           [("unbiased data, greedy", control, methods(sc)["greedy"])]
+    results, records, timing = {}, [], {}
+    t_start = time.time()
+    for name, m_model, method in runs:
+        t0 = time.time()
+        results[name] = [run_method(m_model, data, name, method, sc, seed, freq, cooc, device, records)
+                         for seed in range(sc.seeds)]
+        timing[name] = time.time() - t0
+        r = results[name]
+        print(f"{name:<30} POPE acc random {100 * mean_std(r, 'pope_random_accuracy')[0]:.1f} "
+              f"adversarial F1 {100 * mean_std(r, 'pope_adversarial_f1')[0]:.1f} | CHAIR_i "
+              f"{100 * mean_std(r, 'chair_i')[0]:.1f} | {timing[name]:.0f} s", flush=True)
+    print(f"\n{table(results)}\n")
+    (out_dir / "results.json").write_text(json.dumps(
+        {"config": asdict(sc), "checkpoint": str(sc.ckpt or out_dir / "biased/ckpt.pt"), "world": {"cooccur": cfg.cooccur, "skew": cfg.skew},
+         "methods": results, "seconds": timing, "shape_frequency": freq.tolist(), "cooccurrence": cooc.tolist()}, indent=1))
+    with open(out_dir / "pope.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    plot_bars(results, out_dir / "methods.png")
+    pics = pictures(model, data, sc, device, out_dir)
+    print(f"{pics['hallucinated_scenes']} of 400 greedy captions hallucinate; wrote results.json, pope.jsonl, "
+          f"methods.png, captions.png, attention.png to {out_dir} in {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    cli(main)

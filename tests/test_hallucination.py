@@ -1,0 +1,110 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hallucination as H
+import vlm
+from data.shapes import PARTNER, SHAPES
+from tests.test_vlm import TINY
+
+
+def test_contrastive_logits_by_hand():
+    logits = torch.tensor([[2.0, 1.0, -1.0, 2.0 + math.log(0.1) - 1e-3]])
+    cd = torch.tensor([[3.0, 0.0, -5.0, 0.0]])
+    out = H.contrastive_logits(logits, cd, alpha=1.0, beta=0.1)
+    # (1+a)*l - a*l_cd on tokens with p >= 0.1 max p; the last one is just below the cut
+    assert torch.equal(out, torch.tensor([[1.0, 2.0, float("-inf"), float("-inf")]]))
+    torch.manual_seed(0)
+    logits, cd = torch.randn(50, 30) * 3, torch.randn(50, 30) * 3
+    assert torch.equal(H.contrastive_logits(logits, cd, alpha=0.0), H.plausibility_cut(logits, 0.1))
+    for alpha in (0.5, 1.0, 5.0):
+        assert torch.equal(H.contrastive_logits(logits, cd, alpha, beta=1.0).argmax(-1), logits.argmax(-1))
+
+
+def test_noise_coefficients_at_500():
+    a, s = H.noise_coefficients(500)
+    assert round(a, 3) == 0.863 and round(s, 3) == 0.505 and abs(a * a + s * s - 1) < 1e-9
+
+
+def test_pope_metrics_and_strict_parser():
+    labels = ["yes", "yes", "yes", "no", "no", "no"]
+    answers = ["yes", "yes", None, "yes", "no", "no"]
+    m = H.pope_metrics(labels, answers)
+    assert m["accuracy"] == 4 / 6 and m["precision"] == 2 / 3 and m["recall"] == 2 / 3
+    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == 3 / 6 and m["unparsable"] == 1
+    assert H.parse_yes_no("Yes.") == "yes" and H.parse_yes_no("no, there is not") == "no"
+    assert H.parse_yes_no("a square") is None and H.parse_yes_no("") is None and H.parse_yes_no("yesterday") is None
+
+
+def test_chair_by_hand():
+    scenes = [np.array([[0, 0, 1, 0], [1, 2, 0, 4]]), np.array([[2, 1, 1, 3]])]  # circle+square; triangle
+    caps = ["a large red circle, a small blue square and a small green star", "a small red triangle"]
+    c = H.chair(caps, scenes)
+    assert c["chair_i"] == 1 / 4 and c["chair_s"] == 1 / 2 and c["recall"] == 3 / 3
+    c = H.chair(["a circle and a circle", "nothing"], scenes)
+    assert c["chair_i"] == 1 / 2 and c["chair_s"] == 1 / 2 and c["recall"] == 1 / 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = vlm.Config(**{**TINY, "n_train": 400, "n_eval": 60, "cooccur": 0.9})
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    model = vlm.VLM(cfg, data.tok).eval()
+    with torch.no_grad():
+        model.head_bias.normal_(0, 3)
+    return model, data
+
+
+def test_pope_questions_are_balanced_absent_and_adversarial(tiny):
+    _, data = tiny
+    freq, cooc = H.shape_stats(data)
+    assert cooc[0, PARTNER[0]] > 0.6 and cooc[0, PARTNER[0]] > 2 * cooc[0, 3]  # the partner bias is learnable
+    for split in H.POPE_SPLITS:
+        qs = H.pope_questions(data, split, 50, 0, freq, cooc)
+        assert len(qs) >= 90 and sum(l == "yes" for _, _, l in qs) * 2 == len(qs)
+        for scene, shape, label in qs:
+            present = set(data.shapes["val"].scene(scene)[:, 0].tolist())
+            assert (shape in present) == (label == "yes")
+            absent = [s for s in range(len(SHAPES)) if s not in present]
+            if label == "no" and split == "adversarial":
+                score = lambda s: max(cooc[p, s] for p in present)  # noqa: E731
+                assert score(shape) == max(score(s) for s in absent)
+            if label == "no" and split == "popular":
+                assert freq[shape] == max(freq[s] for s in absent)
+
+
+def test_batched_branches_give_the_tokens_of_separate_passes(tiny):
+    model, data = tiny
+    sc = H.StudyConfig()
+    b = data.make_batch("val", np.arange(6), [(vlm.CAPTION_PROMPT, "")] * 3 + [("is there a star?", "")] * 3, "cpu")
+    for name in ("VCD (greedy)", "RITUAL (sampling)"):
+        method = H.methods(sc)[name]
+        batched, _ = H.decode(model, b["images"], b["prompt"], method, sc, 10, torch.Generator().manual_seed(3))
+        # the reference: each branch as its own pass, same images and the same random draws
+        gen = torch.Generator().manual_seed(3)
+        imgs = H.branch_images(b["images"], method[0], sc, gen).chunk(len(method[0]))
+        states = [model.start(im, b["prompt"]) for im in imgs]
+        logits, states = [s[0] for s in states], [s[1] for s in states]
+        out = []
+        for _ in range(batched.shape[1]):
+            scores = method[1](logits)
+            if method[2]:
+                u = torch.rand(scores.shape, generator=gen)
+                token = (scores.log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)
+            else:
+                token = scores.argmax(-1)
+            out.append(token)
+            logits = [model.step(st, token) for st in states]
+        ref = torch.stack(out, 1)
+        done = torch.cumsum((ref == data.tok.eot_id).int(), 1) - (ref == data.tok.eot_id).int() > 0
+        assert torch.equal(batched, ref.masked_fill(done, data.tok.pad_id)), name
+
+
+def test_image_attention_shares_are_fractions(tiny):
+    model, data = tiny
+    b = data.batch("val", 0, 3, "cpu")
+    share = H.image_attention(model, b["images"], b["prompt"], b["answer"])
+    assert share.shape == b["answer"].shape and (share >= 0).all() and (share <= 1 + 1e-6).all()

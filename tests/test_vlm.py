@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm
+from data import UserError
+from data.shapes import World, caption, object_match, parse_caption, sample_scene
+from tests.test_train import ROOT, run
+from train import build_configs
+
+TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
+            vision_n_embd=32, n_layer=2, n_head=2, n_embd=32)
+TINY_ARGS = [f"--{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = vlm.Config(**TINY)
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    return vlm.VLM(cfg, data.tok).eval(), data
+
+
+def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
+    model, data = tiny
+    with torch.no_grad():  # a random model is too timid: sharpen it so answers run long and differ
+        model.head_bias.normal_(0, 3)
+    b = data.batch("val", 0, 6, "cpu")  # questions and captions: prompts of different lengths
+    assert (b["prompt"] == data.tok.pad_id).any()
+    cached = vlm.generate(model, b["images"], b["prompt"], 12, use_cache=True)
+    full = vlm.generate(model, b["images"], b["prompt"], 12, use_cache=False)
+    assert cached.shape[1] > 3 and torch.equal(cached, full)
+    torch.manual_seed(1)
+    a = vlm.generate(model, b["images"], b["prompt"], 12, temperature=1.0, top_k=5)
+    torch.manual_seed(1)
+    c = vlm.generate(model, b["images"], b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
+    assert torch.equal(a, c)
+    # a row alone gets the same answer as in the padded batch
+    alone = vlm.generate(model, b["images"][2:3], b["prompt"][2:3][:, (b["prompt"][2] != data.tok.pad_id).int().argmax():], 12)
+    assert torch.equal(alone[0], cached[2, :alone.shape[1]])
+
+
+def test_prefix_lm_mask_by_hand():
+    key_valid = torch.tensor([[True, True, False, True, True, True, False]])  # img img pad prompt | ans ans pad
+    m = vlm.prefix_lm_mask(key_valid, n_prefix=4)[0, 0]
+    assert m[0, 3] and m[3, 0] and m[1, 3]  # image and prompt see each other both ways
+    assert not m[0, 4] and not m[3, 4]  # the prefix never sees the answer
+    assert m[4, 3] and m[4, 4] and not m[4, 5]  # an answer token sees the prefix and itself, not later ones
+    assert m[5, 4] and not m[:, 2].any() and not m[:, 6].any()  # padding is never seen
+
+
+def test_prefix_mask_in_the_model(tiny):
+    model, data = tiny
+    b = data.batch("train", 1, 4, "cpu")
+    n_img, A = data.image_len(), b["answer"].shape[1]
+    base = model.logits(b["images"], b["prompt"], b["answer"])
+    later = b["answer"].clone()
+    later[:, 2] = (later[:, 2] + 7) % 300
+    out = model.logits(b["images"], b["prompt"], later)
+    S = out.shape[1]
+    assert torch.allclose(out[:, :S - A + 2], base[:, :S - A + 2], atol=1e-5)  # positions before it: unchanged
+    assert not torch.allclose(out[:, S - A + 2], base[:, S - A + 2])
+    prompt = b["prompt"].clone()
+    prompt[:, -2] = (prompt[:, -2] + 7) % 300
+    out = model.logits(b["images"], prompt, b["answer"])
+    assert not torch.allclose(out[:, :n_img], base[:, :n_img])  # image tokens see the prompt
+
+
+def test_loss_counts_answer_tokens_only(tiny):
+    model, data = tiny
+    b = data.batch("train", 2, 4, "cpu")
+    loss, _ = model(b)
+    logits = model.logits(b["images"], b["prompt"], b["answer"])
+    A = b["answer"].shape[1]
+    pred, target = logits[:, -A - 1:-1], b["answer"]
+    keep = target != data.tok.pad_id
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(pred[keep], target[keep]), atol=1e-6)
+    other = dict(b, images=torch.zeros_like(b["images"]))
+    assert not torch.allclose(model(other)[0], loss)  # the image matters through attention...
+    prompt_only = dict(b, answer=b["answer"].masked_fill(torch.ones_like(keep), data.tok.pad_id))
+    assert torch.isnan(model(prompt_only)[0]) or model(prompt_only)[0] == 0  # ...but is never a target
+
+
+def test_tiny_vlm_overfits_a_batch():
+    torch.manual_seed(0)
+    cfg = vlm.Config(**TINY)
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    model = vlm.VLM(cfg, data.tok)
+    b = data.batch("train", 0, 8, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, metrics = model(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 and metrics["acc"] == 1.0
+    model.eval()
+    out = vlm.generate(model, b["images"], b["prompt"], b["answer"].shape[1])
+    for ids, answer in zip(out.tolist(), b["answer"].tolist()):
+        n = answer.index(data.tok.eot_id) + 1
+        assert ids[:n] == answer[:n]
+
+
+def test_mlm_objective_masks_the_caption_and_sees_everything(tiny):
+    _, data = tiny
+    torch.manual_seed(0)
+    cfg = vlm.Config(**TINY, objective="mlm")
+    model = vlm.VLM(cfg, data.tok)
+    b = vlm.Data(cfg, seed=0, verbose=False).batch("train", 0, 8, "cpu")
+    assert b["prompt"].shape[1] >= 1 and (b["answer"] == data.tok.eot_id).any()
+    loss, m = model(b)
+    assert torch.isfinite(loss) and 0 <= m["acc"] <= 1
+
+
+def test_caption_parser_and_object_match():
+    w = World()
+    for i in range(200):
+        objs = sample_scene(w, "ood", i)
+        said = parse_caption(caption(objs))
+        assert object_match(said, objs) == (len(objs), len(objs), len(objs))
+    objs = np.array([[0, 0, 1, 0], [1, 2, 0, 4]])  # a large red circle, a small blue square
+    assert parse_caption("A large red circle and a cyan star.") == [(1, 0, 0), (-1, 5, 4)]
+    assert object_match(parse_caption("a large red circle and a cyan star"), objs) == (1, 2, 2)
+    assert object_match(parse_caption("a small red circle, a blue square"), objs) == (1, 2, 2)
+    assert object_match(parse_caption("a square and a square"), objs) == (1, 2, 2)  # one square, said twice
+
+
+def test_init_vision_from_an_mae_checkpoint(tmp_path):
+    mae_args = ["--img_size=32", "--patch_size=8", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                "--decoder_n_layer=1", "--decoder_n_embd=32", "--decoder_n_head=2", "--n_train=64", "--n_val=16",
+                "--batch_size=4", "--max_iters=1", "--eval_iters=1", f"--out_dir={tmp_path / 'mae'}"]
+    run("train.py", "mae", *mae_args)
+    from train import load_checkpoint
+    enc = {k[8:]: v for k, v in load_checkpoint(tmp_path / "mae/ckpt.pt", "mae")["model"].items() if k.startswith("encoder.")}
+    model = vlm.VLM(vlm.Config(**TINY, init_vision=str(tmp_path / "mae/ckpt.pt"), freeze_vision=True))
+    for k, v in model.vision.state_dict().items():
+        assert torch.equal(v, enc[k]), k
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    with pytest.raises(UserError, match=r"encoder.blocks.0.attn.qkv.weight is \(96, 32\) there, \(192, 64\) here"):
+        vlm.VLM(vlm.Config(**{**TINY, "vision_n_embd": 64}, init_vision=str(tmp_path / "mae/ckpt.pt")))
+    run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
+        "--block_size=16", "--batch_size=4", "--max_iters=1", "--eval_iters=1", f"--out_dir={tmp_path / 'mlm'}")
+    with pytest.raises(UserError, match="'mlm' checkpoint, not 'mae'"):
+        vlm.VLM(vlm.Config(**TINY, init_vision=str(tmp_path / "mlm/ckpt.pt")))
+
+
+def test_train_vlm_then_sample(tmp_path):
+    p = run("train.py", "vlm", *TINY_ARGS, "--batch_size=8", "--max_iters=4", "--eval_iters=1", "--log_interval=2",
+            f"--out_dir={tmp_path}")
+    assert "tokens/s" in p.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for k in ("ood_q_exist", "ood_q_all", "val_caption_f1", "ood_caption_exact", "ood_attr_acc_image", "ood_attr_acc_blank"):
+        assert 0 <= metrics[k] <= 1, k
+    p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=0,3", "--split=ood")
+    assert p.stdout.startswith("ood 0: ") and "ood 3: " in p.stdout and (tmp_path / "sample_vlm.png").exists()
+    p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--n=2", "--prompt=is there a circle?")
+    assert p.stdout.count("val ") == 2
+    p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=99999", check=False)
+    assert p.returncode == 2 and "scenes 0 to 15" in p.stderr

@@ -1,0 +1,433 @@
+"""A fused vision-language model: image patches and words in one Transformer.
+
+An image is a foreign language (ViLT, Kim et al. 2021): a ViT (`mae.ViTEncoder`) turns the picture
+into patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack
+of the same `mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image
+and the prompt attend to each other in both directions and the answer is causal; the loss counts
+answer tokens only. Generation keeps each layer's keys and values (a KV cache), so each new token
+costs one position, not the whole sequence.
+
+`--objective=mlm` trains ViLT/UNITER's other task instead: the caption, masked as BERT masks
+(`mlm.mask_tokens`), beside the image, everything attending to everything. It settles what `mlm.py`
+left open: a masked colour cannot be known from the words, but it can from the pixels.
+
+The shapes world is biased (some shapes bring a partner); `evaluate` asks questions and reads
+captions on held-out scenes of the biased `val` split and of the `ood` split, where the bias is
+broken, and compares attribute-word accuracy with the real image against a blank one: the language
+prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import UserError, at_least, stream_indices
+from mae import Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights, to_tensor
+from mlm import filter_logits, mask_tokens
+
+CAPTION_PROMPT = "describe the image."
+MAX_TEXT = 128  # text positions (prompt + answer)
+
+
+@dataclass
+class Config:
+    img_size: int = 64
+    patch_size: int = 8
+    n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
+    n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
+    n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
+    vision_n_layer: int = 4      # the vision tower: mae.ViTEncoder, the same shapes as `train.py mae`
+    vision_n_head: int = 4
+    vision_n_embd: int = 128
+    merge: int = 2               # pixel shuffle: each k x k patches become one image token (nanoVLM)
+    n_layer: int = 4             # the fused stack over [image, prompt, answer]
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
+    caption_frac: float = 0.5    # share of training examples that are captions; the rest questions
+    mask_prob: float = 0.15      # mlm
+    init_vision: str = ""        # an MAE checkpoint (out-mae/ckpt.pt) to start the vision tower from
+    freeze_vision: bool = False
+    cooccur: float = 0.5         # the world's bias (data/shapes.py); 0 and 0 = an unbiased world
+    skew: float = 0.5
+
+    def __post_init__(self):
+        at_least(self, 1, "img_size", "patch_size", "merge", "n_train", "n_eval", "vision_n_layer", "vision_n_head",
+                 "vision_n_embd", "n_layer", "n_head", "n_embd")
+        at_least(self, 0, "n_captioned", "cooccur", "skew")
+        if self.img_size % self.patch_size:
+            raise UserError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        if (self.img_size // self.patch_size) % self.merge:
+            raise UserError(f"merge={self.merge} does not divide the {self.img_size // self.patch_size}-patch grid")
+        if self.n_embd % self.n_head or self.vision_n_embd % self.vision_n_head:
+            raise UserError("n_embd must be divisible by n_head (and vision_n_embd by vision_n_head)")
+        if self.objective not in ("prefix", "mlm"):
+            raise UserError(f"objective={self.objective!r}; choose prefix or mlm")
+        for k in ("caption_frac", "cooccur"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise UserError(f"{k}={getattr(self, k)} must be in [0, 1]")
+        if not 0 < self.mask_prob < 1:
+            raise UserError(f"mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.n_captioned > self.n_train:
+            raise UserError(f"n_captioned={self.n_captioned} is more than n_train={self.n_train}")
+        if self.mlp_ratio <= 0:
+            raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
+
+
+# ~9 minutes on 2 CPU cores, first run included
+train_defaults = dict(batch_size=64, lr=2e-3, min_lr=1e-4, max_iters=1800, warmup_iters=100,
+                      weight_decay=0.05, eval_interval=250, eval_iters=8)
+
+
+def load_tokenizer(verbose=False):
+    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached."""
+    from data import text
+    return text.load(text.prepare("shapes", "bpe", 512, verbose=verbose))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+class VLM(nn.Module):
+    def __init__(self, cfg, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = tokenizer or load_tokenizer()
+        V, D = self.tok.vocab_size, cfg.n_embd
+        self.vision = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.vision_n_layer, cfg.vision_n_head,
+                                 cfg.vision_n_embd, cfg.mlp_ratio)
+        self.projector = nn.Sequential(nn.Linear(cfg.merge ** 2 * cfg.vision_n_embd, D), nn.GELU(), nn.Linear(D, D))
+        grid = cfg.img_size // cfg.patch_size // cfg.merge
+        self.register_buffer("image_pos", get_2d_sincos_pos_embed(D, grid)[None], persistent=False)  # (1, L', D)
+        self.wte = nn.Embedding(V, D)
+        self.register_buffer("wpe", get_1d_sincos_pos_embed(D, torch.arange(MAX_TEXT)).float(), persistent=False)
+        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(D)
+        self.head_bias = nn.Parameter(torch.zeros(V))
+        self.register_buffer("special_ids", torch.tensor(sorted(self.tok.special.values())), persistent=False)
+        self.apply(init_weights)
+        nn.init.normal_(self.wte.weight, std=D ** -0.5)  # as in mlm.py: tokens and sin-cos on equal terms
+        nn.init.normal_(self.vision.cls_token, std=0.02)
+        if cfg.init_vision:
+            self.load_vision(cfg.init_vision)
+        self.vision.requires_grad_(not cfg.freeze_vision)
+
+    def load_vision(self, path):
+        """Copy the encoder of an MAE checkpoint written by `train.py mae` into the vision tower."""
+        from train import load_checkpoint
+        weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
+                   if k.startswith("encoder.")}
+        own = self.vision.state_dict()
+        for k, v in own.items():
+            if k not in weights or weights[k].shape != v.shape:
+                got = tuple(weights[k].shape) if k in weights else "nothing"
+                raise UserError(f"--init_vision={path}: encoder.{k} is {got} there, {tuple(v.shape)} here; "
+                                f"match img_size, patch_size and vision_n_layer/n_head/n_embd to the MAE's")
+        self.vision.load_state_dict(weights)
+
+    def image_tokens(self, images):
+        """(B, 3, H, W) in [-1, 1] -> (B, L/merge^2, D): the ViT's patch tokens, each merge x merge
+        block concatenated into one (pixel shuffle: 4x fewer tokens for the fused stack), projected."""
+        x = self.vision(images)[0][:, 1:]  # (B, L, Dv), cls dropped
+        B, L, C = x.shape
+        g, k = math.isqrt(L), self.cfg.merge
+        x = x.view(B, g // k, k, g // k, k, C).permute(0, 1, 3, 2, 4, 5)  # (B, g/k, g/k, k, k, Dv)
+        x = x.reshape(B, (g // k) ** 2, k * k * C)  # (B, L', k*k*Dv)
+        return self.projector(x) + self.image_pos  # (B, L', D)
+
+    def embed(self, ids, pos):
+        return self.wte(ids) * self.cfg.n_embd ** 0.5 + self.wpe[pos]  # (B, T, D)
+
+    def run(self, x, attn_mask, caches=None):
+        """The fused stack; -> logits (B, T, V), special tokens other than end-of-text never predicted."""
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, attn_mask=attn_mask, kv_cache=caches[i] if caches is not None else None)
+        logits = self.ln_f(x) @ self.wte.weight.T + self.head_bias  # (B, T, V), head tied to the embedding
+        banned = self.special_ids[self.special_ids != self.tok.eot_id]
+        return logits.float().index_fill(-1, banned, float("-inf"))
+
+    def sequence(self, images, prompt, answer):
+        """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix."""
+        img = self.image_tokens(images)  # (B, 1+L, D)
+        text = torch.cat([prompt, answer], dim=1)  # (B, P+A)
+        valid = text != self.tok.pad_id
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # padding does not move the positions
+        if pos.max() >= MAX_TEXT:
+            raise UserError(f"text of {pos.max() + 1} tokens; the model reads at most {MAX_TEXT}")
+        x = torch.cat([img, self.embed(text, pos)], dim=1)  # (B, 1+L+P+A, D)
+        key_valid = torch.cat([torch.ones_like(img[..., 0], dtype=torch.bool), valid], dim=1)  # (B, S)
+        return x, key_valid, img.shape[1] + prompt.shape[1]
+
+    def logits(self, images, prompt, answer):
+        """Logits at every position with the prefix-LM mask (no cache): the reference that `step` matches."""
+        x, key_valid, n_prefix = self.sequence(images, prompt, answer)
+        return self.run(x, prefix_lm_mask(key_valid, n_prefix))
+
+    def forward(self, batch):
+        images, prompt, answer = batch["images"], batch["prompt"], batch["answer"]
+        if self.cfg.objective == "mlm":  # ViLT: masked caption words beside the image, all bidirectional
+            answer, labels = mask_tokens(answer, self.tok.mask_id, self.tok.vocab_size - len(self.tok.special),
+                                         self.special_ids, self.cfg.mask_prob)
+            x, key_valid, n_prefix = self.sequence(images, prompt, answer)
+            logits = self.run(x, key_valid[:, None, None, :])[:, n_prefix:]  # (B, A, V)
+        else:  # the position before each answer token predicts it; image and prompt are never targets
+            logits = self.logits(images, prompt, answer)[:, -answer.shape[1] - 1:-1]  # (B, A, V)
+            labels = answer.masked_fill(answer == self.tok.pad_id, -100)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                             reduction="none").view(labels.shape)  # (B, A), 0 where not a target
+        sel = labels != -100
+        if self.cfg.objective == "mlm":
+            loss = ce.sum() / sel.sum().clamp(min=1)
+        else:  # each answer weighs the same, so a one-word answer is not drowned by 20-word captions
+            n = sel.sum(1)  # (B,)
+            loss = (ce.sum(1) / n.clamp(min=1))[n > 0].mean()
+        acc = ((logits.argmax(-1) == labels) & sel).sum() / sel.sum().clamp(min=1)
+        return loss, {"acc": acc.detach()}
+
+    # -----------------------------------------------------------------------------------------
+    # Generation with a KV cache: start() reads the prefix once, step() adds one token per row
+
+    def start(self, images, prompt):
+        """Read [image, prompt] -> (logits (B, V) for the first answer token, state). Each row of the
+        batch has its own cache row, so branches of one decoding method (a clean and a noised image,
+        say) run as one batch."""
+        empty = prompt[:, :0]
+        x, key_valid, n_prefix = self.sequence(images, prompt, empty)
+        caches = [{} for _ in self.blocks]
+        logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches)
+        state = {"caches": caches, "key_valid": key_valid,
+                 "pos": (prompt != self.tok.pad_id).sum(1, keepdim=True)}  # (B, 1): next text position
+        return logits[:, -1], state
+
+    def step(self, state, token):
+        """Feed one token (B,) per row -> logits (B, V) for the next one; the state is updated."""
+        if state["pos"].max() >= MAX_TEXT:
+            raise UserError(f"generation reached {MAX_TEXT} text tokens, the most this model reads")
+        x = self.embed(token[:, None], state["pos"])  # (B, 1, D)
+        state["key_valid"] = torch.cat([state["key_valid"], torch.ones_like(token[:, None], dtype=torch.bool)], 1)
+        state["pos"] = state["pos"] + 1
+        return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
+
+
+Model = VLM
+
+
+def prefix_lm_mask(key_valid, n_prefix):
+    """(B, S) real-token flags -> (B, 1, S, S) bool: query i sees key j if j is real and either both
+    are in the prefix (image and prompt, both directions) or j <= i (the answer, causal)."""
+    S = key_valid.shape[1]
+    i = torch.arange(S, device=key_valid.device)
+    allowed = (i[None, :] < n_prefix) | (i[None, :] <= i[:, None])  # (S, S)
+    return (allowed[None] & key_valid[:, None, :])[:, None]  # (B, 1, S, S)
+
+
+@torch.no_grad()
+def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True):
+    """Answers for a batch -> (B, <= max_new_tokens) ids, end-of-text and after it as padding.
+    temperature 0 is greedy. use_cache=False recomputes the whole sequence each step (the slow
+    reference)."""
+    B = images.shape[0]
+    eot, pad = model.tok.eot_id, model.tok.pad_id
+    out = torch.full((B, 0), pad, dtype=torch.long, device=images.device)
+    done = torch.zeros(B, dtype=torch.bool, device=images.device)
+    logits, state = model.start(images, prompt) if use_cache else (model.logits(images, prompt, out)[:, -1], None)
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            token = torch.multinomial(F.softmax(filter_logits(logits, temperature, top_k), -1), 1)[:, 0]
+        else:
+            token = logits.argmax(-1)  # (B,)
+        out = torch.cat([out, torch.where(done, pad, token)[:, None]], dim=1)
+        done |= token == eot
+        if done.all():
+            break
+        logits = model.step(state, token) if use_cache else model.logits(images, prompt, out)[:, -1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: scenes of the shapes world with a caption or a question each
+
+class Data:
+    """Images from the shapes world's cached splits; text made from each scene's metadata. A batch
+    is a pure function of its position, so the loop's resume and DDP need no sampler state."""
+    unit = "tokens"
+
+    def __init__(self, cfg, seed=0, verbose=True):
+        from data.shapes import ShapesSplit, World
+        self.cfg, self.seed = cfg, seed
+        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew)
+        self.tok = load_tokenizer(verbose)
+        self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
+                       for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
+
+    def encode(self, texts, left_pad):
+        """Texts -> (B, T) ids padded to the longest (prompts on the left, answers on the right)."""
+        ids = [self.tok.encode(" " + t) for t in texts]  # words keep their leading space, as in the corpus
+        T = max(len(x) for x in ids)
+        rows = [[self.tok.pad_id] * (T - len(x)) + x if left_pad else x + [self.tok.pad_id] * (T - len(x))
+                for x in ids]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def examples(self, split, idx, rng):
+        """-> [(prompt, answer)], a caption or one of the scene's questions each."""
+        from data.shapes import caption, questions
+        out = []
+        for i in idx:
+            objs = self.shapes[split].scene(i)
+            if self.cfg.objective == "mlm" or rng.random() < self.cfg.caption_frac:
+                out.append((CAPTION_PROMPT, caption(objs)))
+            else:
+                qa = questions(self.world, split, int(i), objs)
+                out.append(qa[rng.integers(len(qa))][1:])
+        return out
+
+    def make_batch(self, split, idx, pairs, device):
+        eot = self.tok.eot_id
+        prompt = self.encode([p for p, _ in pairs], left_pad=True)
+        answer = self.encode([a for _, a in pairs], left_pad=False)
+        ends = (answer != self.tok.pad_id).sum(1)  # end-of-text after each answer
+        answer = torch.cat([answer, torch.full((len(pairs), 1), self.tok.pad_id)], dim=1)
+        answer[torch.arange(len(pairs)), ends] = eot
+        images = to_tensor(self.shapes[split].images[np.sort(idx)][np.argsort(np.argsort(idx))], device)
+        return {"images": images, "prompt": prompt.to(device), "answer": answer.to(device)}
+
+    def batch(self, split, pos, batch_size, device):
+        n = len(self.shapes[split])
+        if split == "train" and self.cfg.n_captioned:
+            n = self.cfg.n_captioned
+        idx = stream_indices(n, self.seed + (split != "train"), pos * batch_size, batch_size)
+        rng = np.random.default_rng([self.seed, split != "train", pos])
+        return self.make_batch(split, idx, self.examples(split, idx, rng), device)
+
+    def items(self, batch):
+        return batch["images"].shape[0] * self.image_len() + int((batch["prompt"] != self.tok.pad_id).sum()) + \
+            int((batch["answer"] != self.tok.pad_id).sum())
+
+    def image_len(self):
+        return (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def blank_like(images):
+    """The world's empty canvas: every pixel the background colour, as the model's input."""
+    from data.shapes import BACKGROUND
+    return (torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+            .div(127.5).sub(1).expand_as(images).contiguous())
+
+
+@torch.no_grad()
+def answer_questions(model, data, split, device, batch_size=256):
+    """Every question of the split's held-out scenes, answered greedily -> {kind: accuracy}."""
+    from data.shapes import questions
+    items = [(i, kind, q, a) for i in range(len(data.shapes[split]))
+             for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))]
+    right, total = {}, {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
+        out = generate(model, b["images"], b["prompt"], max_new_tokens=6)
+        for (_, kind, _, a), ids in zip(chunk, out.tolist()):
+            said = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
+            right[kind] = right.get(kind, 0) + (said == a)
+            total[kind] = total.get(kind, 0) + 1
+    acc = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    acc["all"] = sum(right.values()) / sum(total.values())
+    return acc
+
+
+@torch.no_grad()
+def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40):
+    """Greedy captions of the split's held-out scenes -> object precision, recall, F1, exact match."""
+    from data.shapes import caption, object_match, parse_caption
+    tp = n_said = n_true = exact = 0
+    n = len(data.shapes[split])
+    for k in range(0, n, batch_size):
+        idx = np.arange(k, min(n, k + batch_size))
+        b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
+        out = generate(model, b["images"], b["prompt"], max_new_tokens)
+        for i, ids in zip(idx, out.tolist()):
+            text = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
+            objs = data.shapes[split].scene(i)
+            t, s, g = object_match(parse_caption(text), objs)
+            tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
+    p, r = tp / max(1, n_said), tp / max(1, n_true)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / max(1e-9, p + r), "exact": exact / n}
+
+
+@torch.no_grad()
+def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
+    """Accuracy on the caption's attribute words (shapes, colours, sizes): teacher-forced for the
+    prefix-LM, BERT-masked for the mlm objective. blank=True shows the empty canvas instead: what
+    the language prior alone gets right."""
+    from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption
+    words = {*SHAPES, *COLOUR_NAMES, *SIZES}
+    is_attr = torch.tensor([model.tok.token_str(i).strip() in words for i in range(model.tok.vocab_size)],
+                           device=device)
+    right = total = 0
+    n = len(data.shapes[split])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for k in range(0, n, batch_size):
+            idx = np.arange(k, min(n, k + batch_size))
+            b = data.make_batch(split, idx, [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx],
+                                device)
+            images = blank_like(b["images"]) if blank else b["images"]
+            answer = b["answer"]
+            if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
+                inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
+                x, key_valid, n_prefix = model.sequence(images, b["prompt"], inputs)
+                pred = model.run(x, key_valid[:, None, None, :])[:, n_prefix:].argmax(-1)
+            else:
+                pred = model.logits(images, b["prompt"], answer)[:, -answer.shape[1] - 1:-1].argmax(-1)
+            sel = is_attr[answer]
+            right += ((pred == answer) & sel).sum().item()
+            total += sel.sum().item()
+    return right / max(1, total)
+
+
+def evaluate(model, data, device):
+    """Questions and captions on held-out val (biased) and ood (bias broken) scenes, and how much
+    the model uses its eyes: attribute words with the real image vs a blank one."""
+    model.eval()
+    out = {}
+    for split in ("val", "ood"):
+        if model.cfg.objective == "prefix":
+            out.update({f"{split}_q_{k}": v for k, v in answer_questions(model, data, split, device).items()})
+            out.update({f"{split}_caption_{k}": v for k, v in caption_scores(model, data, split, device).items()})
+        out[f"{split}_attr_acc_image"] = attribute_accuracy(model, data, split, device)
+        out[f"{split}_attr_acc_blank"] = attribute_accuracy(model, data, split, device, blank=True)
+    model.train()
+    return out
+
+
+def plot_runs(out_dirs, path):
+    """Val-loss curves of several `train.py vlm` runs in one PNG (the MAE-initialisation comparison)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from train import load_checkpoint
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for d in out_dirs:
+        ckpt = load_checkpoint(f"{d}/ckpt.pt", "vlm")
+        xs, ys = zip(*ckpt["history"]["val"])
+        ax.plot(xs, ys, "o-", ms=3, label=d.rstrip("/").split("/")[-1])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # python vlm.py OUT_DIR [OUT_DIR ...] PNG: val curves side by side
+    import sys
+    from config import cli
+    cli(lambda argv: plot_runs(argv[:-1], argv[-1]) if len(argv) >= 2 else print("usage: python vlm.py OUT_DIR... PNG"))
