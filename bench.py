@@ -167,11 +167,12 @@ def bench_mlm(bc):
 
 
 def bench_vlm(bc):
+    import numpy as np
     import vlm
     device = pick_device(bc.device)
     default = vlm.Config()
     larger = replace(default, n_layer=6, n_embd=256, n_head=8)
-    train_rows("vlm", (("default (vision 4x128, fused 4x128, 16 img tokens)", default),
+    train_rows("vlm", (("default (vision 4x128, fused 4x128, 17 img tokens)", default),
                        ("larger (vision 4x128, fused 6x256)", larger)), bc, device)
     torch.manual_seed(0)
     model = vlm.VLM(default).to(device).eval()
@@ -180,12 +181,12 @@ def bench_vlm(bc):
     data = vlm.Data(default, seed=TrainConfig.seed, verbose=False)
     print("\ngeneration, 32 new tokens after image + 'describe the image.' (greedy):")
     for bs in (1, 32):
-        b = data.batch("val", 0, bs, device)
+        b = data.make_batch("val", np.arange(bs), [(vlm.CAPTION_PROMPT, "")] * bs, device)
         speed = {}
         for cache in (True, False):
-            vlm.generate(model, b["images"], b["prompt"], 4, use_cache=cache)  # warm-up
+            vlm.generate(model, vlm.row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
             t0 = time.perf_counter()
-            out = vlm.generate(model, b["images"], b["prompt"], 32, use_cache=cache)
+            out = vlm.generate(model, vlm.row_images(b), b["prompt"], 32, use_cache=cache)
             speed[cache] = out.numel() / (time.perf_counter() - t0)
         print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | recomputing {speed[False]:>8,.0f} tokens/s"
               f" | speed-up {speed[True] / speed[False]:.1f}x")
@@ -215,7 +216,7 @@ def bench_hallucination(bc):
         for b, n_tokens in ((pope, 3), (caps, 40)):
             def run():
                 t0 = time.perf_counter()
-                H.decode(model, b["images"], b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0))
+                H.decode(model, vlm.row_images(b), b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0))
                 return time.perf_counter() - t0
             run()  # warm-up
             row.append(sorted(run() for _ in range(bc.steps))[bc.steps // 2] / len(idx) * 1000)

@@ -224,7 +224,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
             chunk = qs[k:k + batch_size]
             b = data.make_batch("val", np.array([c[0] for c in chunk]),
                                 [(f"is there a {SHAPES[c[1]]}?", "") for c in chunk], device)
-            tokens, first = decode(model, b["images"], b["prompt"], method, sc, 3, gen)
+            tokens, first = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
             for (scene, shape, label), ids, s in zip(chunk, tokens.tolist(), first):
                 raw = text_of(model, ids)
                 labels.append(label)
@@ -240,7 +240,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
-        tokens, _ = decode(model, b["images"], b["prompt"], method, sc, sc.caption_tokens, gen)
+        tokens, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
         texts += [text_of(model, ids) for ids in tokens.tolist()]
     out.update(chair(texts, [data.shapes["val"].scene(i) for i in scenes]))
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
@@ -272,12 +272,16 @@ def image_attention(model, images, prompt, answer):
 def study_model(path, out_dir, name, extra):
     """A trained VLM from `path`, or the study's config trained into out_dir/name first."""
     from sample import load_model, SampleConfig
+    import train
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
-    if not path.exists() and path.parent == Path(out_dir) / name:
-        import train
-        print(f"training the study's {name} model into {path.parent} (python train.py vlm config/vlm_study.conf "
-              f"{' '.join(extra)})", flush=True)
-        train.main(["vlm", str(Path(__file__).parent / "config/vlm_study.conf"), *extra, f"--out_dir={path.parent}"])
+    if path.parent == Path(out_dir) / name:  # the study's own: train it, or finish an interrupted run
+        args = ["vlm", str(Path(__file__).parent / "config/vlm_study.conf"), *extra, f"--out_dir={path.parent}"]
+        if not path.exists():
+            print(f"training the study's {name} model: python train.py {' '.join(args)}", flush=True)
+            train.main(args)
+        elif train.load_checkpoint(path, "vlm")["iter"] < train.load_checkpoint(path, "vlm")["config"]["train"]["max_iters"]:
+            print(f"finishing the study's {name} model in {path.parent}", flush=True)
+            train.main(args[:1] + ["--init_from=resume", f"--out_dir={path.parent}"])
     _, model, cfg, ckpt = load_model("vlm", SampleConfig(out_dir=str(path.parent), ckpt=path.name))
     if cfg.objective != "prefix":
         raise UserError(f"{path} is an --objective={cfg.objective} model; POPE and CHAIR need one that answers")
@@ -352,8 +356,8 @@ def pictures(model, data, sc, device, out_dir, n=6):
     idx = np.arange(min(len(data.shapes["val"]), 400))
     b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
     gen = torch.Generator().manual_seed(0)
-    greedy = [text_of(model, t) for t in decode(model, b["images"], b["prompt"], ms["greedy"], sc, sc.caption_tokens, gen)[0].tolist()]
-    vcd = [text_of(model, t) for t in decode(model, b["images"], b["prompt"], ms["VCD (greedy)"], sc, sc.caption_tokens, gen)[0].tolist()]
+    greedy = [text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms["greedy"], sc, sc.caption_tokens, gen)[0].tolist()]
+    vcd = [text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms["VCD (greedy)"], sc, sc.caption_tokens, gen)[0].tolist()]
     bad = [i for i in idx if chair([greedy[i]], [data.shapes["val"].scene(i)])["chair_s"] > 0]
     good = [i for i in idx if greedy[i] == caption(data.shapes["val"].scene(i))]
     show = (bad + good)[:n]
@@ -373,7 +377,7 @@ def pictures(model, data, sc, device, out_dir, n=6):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, label in ((bad[0], "hallucinated"), (good[0], "correct")):
         answer = data.encode([greedy[i]], left_pad=False).to(device)
-        share = image_attention(model, b["images"][i:i + 1], b["prompt"][i:i + 1], answer)[0]
+        share = image_attention(model, vlm.row_images(b)[i:i + 1], b["prompt"][i:i + 1], answer)[0]
         words = [model.tok.token_str(t).strip() for t in answer[0].tolist()]
         ax.plot(share.cpu().numpy(), "o-", label=f"{label} (val {i})")
         for x, (w, y) in enumerate(zip(words, share.tolist())):

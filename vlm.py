@@ -29,6 +29,7 @@ from mae import Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_em
 from mlm import filter_logits, mask_tokens
 
 CAPTION_PROMPT = "describe the image."
+SHAPES_PROMPT = "which shapes are there?"
 MAX_TEXT = 128  # text positions (prompt + answer)
 
 
@@ -48,7 +49,7 @@ class Config:
     n_embd: int = 128
     mlp_ratio: float = 4.0
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
-    caption_frac: float = 0.5    # share of training examples that are captions; the rest questions
+    texts_per_image: int = 2     # prefix: each training image comes with its caption and this many - 1 questions
     mask_prob: float = 0.15      # mlm
     init_vision: str = ""        # an MAE checkpoint (out-mae/ckpt.pt) to start the vision tower from
     freeze_vision: bool = False
@@ -56,7 +57,7 @@ class Config:
     skew: float = 0.5
 
     def __post_init__(self):
-        at_least(self, 1, "img_size", "patch_size", "merge", "n_train", "n_eval", "vision_n_layer", "vision_n_head",
+        at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval", "vision_n_layer", "vision_n_head",
                  "vision_n_embd", "n_layer", "n_head", "n_embd")
         at_least(self, 0, "n_captioned", "cooccur", "skew")
         if self.img_size % self.patch_size:
@@ -67,9 +68,8 @@ class Config:
             raise UserError("n_embd must be divisible by n_head (and vision_n_embd by vision_n_head)")
         if self.objective not in ("prefix", "mlm"):
             raise UserError(f"objective={self.objective!r}; choose prefix or mlm")
-        for k in ("caption_frac", "cooccur"):
-            if not 0 <= getattr(self, k) <= 1:
-                raise UserError(f"{k}={getattr(self, k)} must be in [0, 1]")
+        if not 0 <= self.cooccur <= 1:
+            raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
         if not 0 < self.mask_prob < 1:
             raise UserError(f"mask_prob={self.mask_prob} must be in (0, 1)")
         if self.n_captioned > self.n_train:
@@ -78,8 +78,8 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
 
-# ~9 minutes on 2 CPU cores, first run included
-train_defaults = dict(batch_size=64, lr=2e-3, min_lr=1e-4, max_iters=1800, warmup_iters=100,
+# ~9 minutes on 2 CPU cores, first run included (batch_size counts images; each brings texts_per_image texts)
+train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=250, eval_iters=8)
 
 
@@ -101,6 +101,7 @@ class VLM(nn.Module):
         self.vision = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.vision_n_layer, cfg.vision_n_head,
                                  cfg.vision_n_embd, cfg.mlp_ratio)
         self.projector = nn.Sequential(nn.Linear(cfg.merge ** 2 * cfg.vision_n_embd, D), nn.GELU(), nn.Linear(D, D))
+        self.global_proj = nn.Linear(cfg.vision_n_embd, D)  # the ViT's cls token: the whole image in one
         grid = cfg.img_size // cfg.patch_size // cfg.merge
         self.register_buffer("image_pos", get_2d_sincos_pos_embed(D, grid)[None], persistent=False)  # (1, L', D)
         self.wte = nn.Embedding(V, D)
@@ -130,14 +131,16 @@ class VLM(nn.Module):
         self.vision.load_state_dict(weights)
 
     def image_tokens(self, images):
-        """(B, 3, H, W) in [-1, 1] -> (B, L/merge^2, D): the ViT's patch tokens, each merge x merge
-        block concatenated into one (pixel shuffle: 4x fewer tokens for the fused stack), projected."""
-        x = self.vision(images)[0][:, 1:]  # (B, L, Dv), cls dropped
+        """(B, 3, H, W) in [-1, 1] -> (B, 1 + L/merge^2, D): the cls token (a global summary, which
+        "is there a ...?" reads far more easily than a search over patches), then the patch tokens,
+        each merge x merge block concatenated into one (pixel shuffle: 4x fewer tokens), projected."""
+        x = self.vision(images)[0]  # (B, 1+L, Dv)
+        cls, x = x[:, :1], x[:, 1:]
         B, L, C = x.shape
         g, k = math.isqrt(L), self.cfg.merge
         x = x.view(B, g // k, k, g // k, k, C).permute(0, 1, 3, 2, 4, 5)  # (B, g/k, g/k, k, k, Dv)
         x = x.reshape(B, (g // k) ** 2, k * k * C)  # (B, L', k*k*Dv)
-        return self.projector(x) + self.image_pos  # (B, L', D)
+        return torch.cat([self.global_proj(cls), self.projector(x) + self.image_pos], dim=1)  # (B, 1+L', D)
 
     def embed(self, ids, pos):
         return self.wte(ids) * self.cfg.n_embd ** 0.5 + self.wpe[pos]  # (B, T, D)
@@ -150,9 +153,12 @@ class VLM(nn.Module):
         banned = self.special_ids[self.special_ids != self.tok.eot_id]
         return logits.float().index_fill(-1, banned, float("-inf"))
 
-    def sequence(self, images, prompt, answer):
-        """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix."""
-        img = self.image_tokens(images)  # (B, 1+L, D)
+    def sequence(self, images, prompt, answer, image_index=None):
+        """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix.
+        image_index (B,): which image each text row reads, when several rows share one (seen once by the ViT)."""
+        img = self.image_tokens(images)  # (N, L', D)
+        if image_index is not None:
+            img = img[image_index]  # (B, L', D)
         text = torch.cat([prompt, answer], dim=1)  # (B, P+A)
         valid = text != self.tok.pad_id
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # padding does not move the positions
@@ -162,29 +168,25 @@ class VLM(nn.Module):
         key_valid = torch.cat([torch.ones_like(img[..., 0], dtype=torch.bool), valid], dim=1)  # (B, S)
         return x, key_valid, img.shape[1] + prompt.shape[1]
 
-    def logits(self, images, prompt, answer):
+    def logits(self, images, prompt, answer, image_index=None):
         """Logits at every position with the prefix-LM mask (no cache): the reference that `step` matches."""
-        x, key_valid, n_prefix = self.sequence(images, prompt, answer)
+        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         return self.run(x, prefix_lm_mask(key_valid, n_prefix))
 
     def forward(self, batch):
-        images, prompt, answer = batch["images"], batch["prompt"], batch["answer"]
+        images, prompt, answer, index = batch["images"], batch["prompt"], batch["answer"], batch["image_index"]
         if self.cfg.objective == "mlm":  # ViLT: masked caption words beside the image, all bidirectional
             answer, labels = mask_tokens(answer, self.tok.mask_id, self.tok.vocab_size - len(self.tok.special),
                                          self.special_ids, self.cfg.mask_prob)
-            x, key_valid, n_prefix = self.sequence(images, prompt, answer)
+            x, key_valid, n_prefix = self.sequence(images, prompt, answer, index)
             logits = self.run(x, key_valid[:, None, None, :])[:, n_prefix:]  # (B, A, V)
         else:  # the position before each answer token predicts it; image and prompt are never targets
-            logits = self.logits(images, prompt, answer)[:, -answer.shape[1] - 1:-1]  # (B, A, V)
+            logits = self.logits(images, prompt, answer, index)[:, -answer.shape[1] - 1:-1]  # (B, A, V)
             labels = answer.masked_fill(answer == self.tok.pad_id, -100)
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                              reduction="none").view(labels.shape)  # (B, A), 0 where not a target
         sel = labels != -100
-        if self.cfg.objective == "mlm":
-            loss = ce.sum() / sel.sum().clamp(min=1)
-        else:  # each answer weighs the same, so a one-word answer is not drowned by 20-word captions
-            n = sel.sum(1)  # (B,)
-            loss = (ce.sum(1) / n.clamp(min=1))[n > 0].mean()
+        loss = ce.sum() / sel.sum().clamp(min=1)
         acc = ((logits.argmax(-1) == labels) & sel).sum() / sel.sum().clamp(min=1)
         return loss, {"acc": acc.detach()}
 
@@ -273,27 +275,41 @@ class Data:
         return torch.tensor(rows, dtype=torch.long)
 
     def examples(self, split, idx, rng):
-        """-> [(prompt, answer)], a caption or one of the scene's questions each."""
-        from data.shapes import caption, questions
-        out = []
+        """-> (rows, [(prompt, answer)]): each scene's caption, then texts_per_image - 1 of its
+        questions (different ones while they last); the mlm objective reads captions only."""
+        from data.shapes import SHAPES, caption, questions
+        rows, pairs = [], []
+        k = 1 if self.cfg.objective == "mlm" else self.cfg.texts_per_image
         for i in idx:
             objs = self.shapes[split].scene(i)
-            if self.cfg.objective == "mlm" or rng.random() < self.cfg.caption_frac:
-                out.append((CAPTION_PROMPT, caption(objs)))
-            else:
-                qa = questions(self.world, split, int(i), objs)
-                out.append(qa[rng.integers(len(qa))][1:])
-        return out
+            present = set(objs[:, 0].tolist())
+            # a third of the questions ask which shapes there are (all six presence decisions in one
+            # answer, in a fixed order), a third "is there a ...?" about a present or an absent shape
+            # alike, a third one of the world's other questions
+            qa = questions(self.world, split, int(i), objs)
+            absent = [s for s in range(len(SHAPES)) if s not in present] or sorted(present)
+            s = int(rng.choice(sorted(present) if rng.random() < 0.5 else absent))
+            names = [SHAPES[s] for s in sorted(present)]
+            qs = [(SHAPES_PROMPT, names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]),
+                  (f"is there a {SHAPES[s]}?", "yes" if s in present else "no"),
+                  qa[int(rng.integers(1, len(qa)))][1:]]
+            qs = [qs[j] for j in rng.permutation(3)]
+            pairs += ([(CAPTION_PROMPT, caption(objs))] + qs * k)[:k]
+            rows += [i] * k
+        return np.array(rows), pairs
 
-    def make_batch(self, split, idx, pairs, device):
+    def make_batch(self, split, rows, pairs, device):
+        """Scene numbers (one a text row, repeats allowed) and their (prompt, answer) texts -> a batch;
+        each scene's image is read and encoded once."""
         eot = self.tok.eot_id
         prompt = self.encode([p for p, _ in pairs], left_pad=True)
         answer = self.encode([a for _, a in pairs], left_pad=False)
         ends = (answer != self.tok.pad_id).sum(1)  # end-of-text after each answer
         answer = torch.cat([answer, torch.full((len(pairs), 1), self.tok.pad_id)], dim=1)
         answer[torch.arange(len(pairs)), ends] = eot
-        images = to_tensor(self.shapes[split].images[np.sort(idx)][np.argsort(np.argsort(idx))], device)
-        return {"images": images, "prompt": prompt.to(device), "answer": answer.to(device)}
+        scenes, image_index = np.unique(rows, return_inverse=True)  # sorted: memmap reads in order
+        return {"images": to_tensor(self.shapes[split].images[scenes], device), "prompt": prompt.to(device),
+                "answer": answer.to(device), "image_index": torch.from_numpy(image_index.reshape(-1)).to(device)}
 
     def batch(self, split, pos, batch_size, device):
         n = len(self.shapes[split])
@@ -301,14 +317,19 @@ class Data:
             n = self.cfg.n_captioned
         idx = stream_indices(n, self.seed + (split != "train"), pos * batch_size, batch_size)
         rng = np.random.default_rng([self.seed, split != "train", pos])
-        return self.make_batch(split, idx, self.examples(split, idx, rng), device)
+        return self.make_batch(split, *self.examples(split, idx, rng), device)
 
     def items(self, batch):
-        return batch["images"].shape[0] * self.image_len() + int((batch["prompt"] != self.tok.pad_id).sum()) + \
+        return batch["prompt"].shape[0] * self.image_len() + int((batch["prompt"] != self.tok.pad_id).sum()) + \
             int((batch["answer"] != self.tok.pad_id).sum())
 
     def image_len(self):
-        return (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
+        return 1 + (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
+
+
+def row_images(batch):
+    """A batch's images repeated per text row, for calls that take one image a row (generation)."""
+    return batch["images"][batch["image_index"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +352,7 @@ def answer_questions(model, data, split, device, batch_size=256):
     for k in range(0, len(items), batch_size):
         chunk = items[k:k + batch_size]
         b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
-        out = generate(model, b["images"], b["prompt"], max_new_tokens=6)
+        out = generate(model, row_images(b), b["prompt"], max_new_tokens=6)
         for (_, kind, _, a), ids in zip(chunk, out.tolist()):
             said = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
             right[kind] = right.get(kind, 0) + (said == a)
@@ -350,7 +371,7 @@ def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40
     for k in range(0, n, batch_size):
         idx = np.arange(k, min(n, k + batch_size))
         b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
-        out = generate(model, b["images"], b["prompt"], max_new_tokens)
+        out = generate(model, row_images(b), b["prompt"], max_new_tokens)
         for i, ids in zip(idx, out.tolist()):
             text = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
             objs = data.shapes[split].scene(i)
@@ -381,10 +402,10 @@ def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
             answer = b["answer"]
             if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
                 inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
-                x, key_valid, n_prefix = model.sequence(images, b["prompt"], inputs)
+                x, key_valid, n_prefix = model.sequence(images, b["prompt"], inputs, b["image_index"])
                 pred = model.run(x, key_valid[:, None, None, :])[:, n_prefix:].argmax(-1)
             else:
-                pred = model.logits(images, b["prompt"], answer)[:, -answer.shape[1] - 1:-1].argmax(-1)
+                pred = model.logits(images, b["prompt"], answer, b["image_index"])[:, -answer.shape[1] - 1:-1].argmax(-1)
             sel = is_attr[answer]
             right += ((pred == answer) & sel).sum().item()
             total += sel.sum().item()

@@ -82,10 +82,10 @@ def test_batched_branches_give_the_tokens_of_separate_passes(tiny):
     b = data.make_batch("val", np.arange(6), [(vlm.CAPTION_PROMPT, "")] * 3 + [("is there a star?", "")] * 3, "cpu")
     for name in ("VCD (greedy)", "RITUAL (sampling)"):
         method = H.methods(sc)[name]
-        batched, _ = H.decode(model, b["images"], b["prompt"], method, sc, 10, torch.Generator().manual_seed(3))
+        batched, _ = H.decode(model, vlm.row_images(b), b["prompt"], method, sc, 10, torch.Generator().manual_seed(3))
         # the reference: each branch as its own pass, same images and the same random draws
         gen = torch.Generator().manual_seed(3)
-        imgs = H.branch_images(b["images"], method[0], sc, gen).chunk(len(method[0]))
+        imgs = H.branch_images(vlm.row_images(b), method[0], sc, gen).chunk(len(method[0]))
         states = [model.start(im, b["prompt"]) for im in imgs]
         logits, states = [s[0] for s in states], [s[1] for s in states]
         out = []
@@ -106,5 +106,5 @@ def test_batched_branches_give_the_tokens_of_separate_passes(tiny):
 def test_image_attention_shares_are_fractions(tiny):
     model, data = tiny
     b = data.batch("val", 0, 3, "cpu")
-    share = H.image_attention(model, b["images"], b["prompt"], b["answer"])
+    share = H.image_attention(model, vlm.row_images(b), b["prompt"], b["answer"])
     assert share.shape == b["answer"].shape and (share >= 0).all() and (share <= 1 + 1e-6).all()

@@ -29,16 +29,16 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
         model.head_bias.normal_(0, 3)
     b = data.batch("val", 0, 6, "cpu")  # questions and captions: prompts of different lengths
     assert (b["prompt"] == data.tok.pad_id).any()
-    cached = vlm.generate(model, b["images"], b["prompt"], 12, use_cache=True)
-    full = vlm.generate(model, b["images"], b["prompt"], 12, use_cache=False)
+    cached = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, use_cache=True)
+    full = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, use_cache=False)
     assert cached.shape[1] > 3 and torch.equal(cached, full)
     torch.manual_seed(1)
-    a = vlm.generate(model, b["images"], b["prompt"], 12, temperature=1.0, top_k=5)
+    a = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5)
     torch.manual_seed(1)
-    c = vlm.generate(model, b["images"], b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
+    c = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
     assert torch.equal(a, c)
     # a row alone gets the same answer as in the padded batch
-    alone = vlm.generate(model, b["images"][2:3], b["prompt"][2:3][:, (b["prompt"][2] != data.tok.pad_id).int().argmax():], 12)
+    alone = vlm.generate(model, vlm.row_images(b)[2:3], b["prompt"][2:3][:, (b["prompt"][2] != data.tok.pad_id).int().argmax():], 12)
     assert torch.equal(alone[0], cached[2, :alone.shape[1]])
 
 
@@ -55,16 +55,16 @@ def test_prefix_mask_in_the_model(tiny):
     model, data = tiny
     b = data.batch("train", 1, 4, "cpu")
     n_img, A = data.image_len(), b["answer"].shape[1]
-    base = model.logits(b["images"], b["prompt"], b["answer"])
+    base = model.logits(b["images"], b["prompt"], b["answer"], b["image_index"])
     later = b["answer"].clone()
     later[:, 2] = (later[:, 2] + 7) % 300
-    out = model.logits(b["images"], b["prompt"], later)
+    out = model.logits(b["images"], b["prompt"], later, b["image_index"])
     S = out.shape[1]
     assert torch.allclose(out[:, :S - A + 2], base[:, :S - A + 2], atol=1e-5)  # positions before it: unchanged
     assert not torch.allclose(out[:, S - A + 2], base[:, S - A + 2])
     prompt = b["prompt"].clone()
     prompt[:, -2] = (prompt[:, -2] + 7) % 300
-    out = model.logits(b["images"], prompt, b["answer"])
+    out = model.logits(b["images"], prompt, b["answer"], b["image_index"])
     assert not torch.allclose(out[:, :n_img], base[:, :n_img])  # image tokens see the prompt
 
 
@@ -72,7 +72,7 @@ def test_loss_counts_answer_tokens_only(tiny):
     model, data = tiny
     b = data.batch("train", 2, 4, "cpu")
     loss, _ = model(b)
-    logits = model.logits(b["images"], b["prompt"], b["answer"])
+    logits = model.logits(b["images"], b["prompt"], b["answer"], b["image_index"])
     A = b["answer"].shape[1]
     pred, target = logits[:, -A - 1:-1], b["answer"]
     keep = target != data.tok.pad_id
@@ -97,7 +97,7 @@ def test_tiny_vlm_overfits_a_batch():
         opt.step()
     assert loss.item() < 0.05 and metrics["acc"] == 1.0
     model.eval()
-    out = vlm.generate(model, b["images"], b["prompt"], b["answer"].shape[1])
+    out = vlm.generate(model, vlm.row_images(b), b["prompt"], b["answer"].shape[1])
     for ids, answer in zip(out.tolist(), b["answer"].tolist()):
         n = answer.index(data.tok.eot_id) + 1
         assert ids[:n] == answer[:n]
@@ -138,7 +138,7 @@ def test_init_vision_from_an_mae_checkpoint(tmp_path):
     for k, v in model.vision.state_dict().items():
         assert torch.equal(v, enc[k]), k
     assert not any(p.requires_grad for p in model.vision.parameters())
-    with pytest.raises(UserError, match=r"encoder.blocks.0.attn.qkv.weight is \(96, 32\) there, \(192, 64\) here"):
+    with pytest.raises(UserError, match=r"encoder.cls_token is \(1, 1, 32\) there, \(1, 1, 64\) here"):
         vlm.VLM(vlm.Config(**{**TINY, "vision_n_embd": 64}, init_vision=str(tmp_path / "mae/ckpt.pt")))
     run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
         "--block_size=16", "--batch_size=4", "--max_iters=1", "--eval_iters=1", f"--out_dir={tmp_path / 'mlm'}")
