@@ -213,15 +213,16 @@ def draw_grid(images, names, prompt, answers, truth, path):
     import matplotlib.pyplot as plt
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, (img, name, answer) in enumerate(zip(images, names, answers)):
         ax = axes.flat[k]
         ax.imshow(img)
         text = f"{name}\nQ: {prompt}\nA: {answer}" + (f"\ntrue: {truth[k]}" if truth else "")
-        ax.set_title("\n".join(textwrap.fill(line, 34) for line in text.split("\n")), fontsize=7, loc="left")
-    fig.tight_layout()
+        ax.text(0, -0.03, "\n".join(textwrap.fill(line, 40) for line in text.split("\n")), fontsize=7,
+                transform=ax.transAxes, va="top")  # under the image
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.3, wspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
