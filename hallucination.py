@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import vlm
 from config import cli, config_help, parse_overrides
 from data import UserError, at_least
-from data.shapes import PARTNER, SHAPES, caption, object_match, parse_caption
+from data.shapes import SHAPES, caption, object_match, parse_caption
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 
@@ -279,9 +278,11 @@ def study_model(path, out_dir, name, extra):
         if not path.exists():
             print(f"training the study's {name} model: python train.py {' '.join(args)}", flush=True)
             train.main(args)
-        elif train.load_checkpoint(path, "vlm")["iter"] < train.load_checkpoint(path, "vlm")["config"]["train"]["max_iters"]:
-            print(f"finishing the study's {name} model in {path.parent}", flush=True)
-            train.main(args[:1] + ["--init_from=resume", f"--out_dir={path.parent}"])
+        else:
+            ckpt = train.load_checkpoint(path, "vlm")
+            if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # an interrupted run: finish it
+                print(f"finishing the study's {name} model in {path.parent}", flush=True)
+                train.main(args[:1] + ["--init_from=resume", f"--out_dir={path.parent}"])
     _, model, cfg, ckpt = load_model("vlm", SampleConfig(out_dir=str(path.parent), ckpt=path.name))
     if cfg.objective != "prefix":
         raise UserError(f"{path} is an --objective={cfg.objective} model; POPE and CHAIR need one that answers")

@@ -275,8 +275,8 @@ class Data:
         return torch.tensor(rows, dtype=torch.long)
 
     def examples(self, split, idx, rng):
-        """-> (rows, [(prompt, answer)]): each scene's caption, then texts_per_image - 1 of its
-        questions (different ones while they last); the mlm objective reads captions only."""
+        """-> (rows, [(prompt, answer)]): each scene's caption, then texts_per_image - 1 questions
+        about it (different kinds while they last); the mlm objective reads captions only."""
         from data.shapes import SHAPES, caption, questions
         rows, pairs = [], []
         k = 1 if self.cfg.objective == "mlm" else self.cfg.texts_per_image
@@ -289,7 +289,7 @@ class Data:
             qa = questions(self.world, split, int(i), objs)
             absent = [s for s in range(len(SHAPES)) if s not in present] or sorted(present)
             s = int(rng.choice(sorted(present) if rng.random() < 0.5 else absent))
-            names = [SHAPES[s] for s in sorted(present)]
+            names = [SHAPES[t] for t in sorted(present)]
             qs = [(SHAPES_PROMPT, names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]),
                   (f"is there a {SHAPES[s]}?", "yes" if s in present else "no"),
                   qa[int(rng.integers(1, len(qa)))][1:]]
@@ -449,6 +449,5 @@ def plot_runs(out_dirs, path):
 
 
 if __name__ == "__main__":  # python vlm.py OUT_DIR [OUT_DIR ...] PNG: val curves side by side
-    import sys
     from config import cli
     cli(lambda argv: plot_runs(argv[:-1], argv[-1]) if len(argv) >= 2 else print("usage: python vlm.py OUT_DIR... PNG"))

@@ -7,8 +7,7 @@ import torch
 import vlm
 from data import UserError
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
-from tests.test_train import ROOT, run
-from train import build_configs
+from tests.test_train import run
 
 TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
             vision_n_embd=32, n_layer=2, n_head=2, n_embd=32)
