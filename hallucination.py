@@ -362,15 +362,17 @@ def pictures(model, data, sc, device, out_dir, n=6):
     bad = [i for i in idx if chair([greedy[i]], [data.shapes["val"].scene(i)])["chair_s"] > 0]
     good = [i for i in idx if greedy[i] == caption(data.shapes["val"].scene(i))]
     show = (bad + good)[:n]
-    fig, axes = plt.subplots(1, len(show), figsize=(3.3 * len(show), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(show), figsize=(3.3 * len(show), 5), squeeze=False)
     for ax, i in zip(axes[0], show):
         objs = data.shapes["val"].scene(i)
         ax.imshow(data.shapes["val"].images[i])
         ax.axis("off")
         text = f"val {i}\ngreedy: {marked(greedy[i], objs)}\nVCD: {marked(vcd[i], objs)}"
-        ax.set_title("\n".join(textwrap.fill(line, 36) for line in text.split("\n")), fontsize=7, loc="left")
-    fig.suptitle("[shape✗] = a shape the scene does not have", fontsize=9)
-    fig.tight_layout()
+        ax.text(0, -0.03, "\n".join(textwrap.fill(line, 40) for line in text.split("\n")), fontsize=7,
+                transform=ax.transAxes, va="top")
+    fig.text(0.01, 0.01, "[shape✗] = a shape the scene does not have (counted per shape, so of two 'squares' "
+             "where there is one, the second is marked)", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.32, wspace=0.08)
     fig.savefig(Path(out_dir) / "captions.png", dpi=100)
     plt.close(fig)
     if not bad or not good:
