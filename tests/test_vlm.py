@@ -158,3 +158,14 @@ def test_train_vlm_then_sample(tmp_path):
     assert p.stdout.count("val ") == 2
     p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=99999", check=False)
     assert p.returncode == 2 and "scenes 0 to 15" in p.stderr
+
+
+def test_mlm_objective_trains_and_fills_blanks_given_the_image(tmp_path):
+    run("train.py", "vlm", *TINY_ARGS, "--objective=mlm", "--batch_size=8", "--max_iters=2", "--eval_iters=1",
+        f"--out_dir={tmp_path}")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["ood_attr_acc_image"] <= 1 and "ood_q_exist" not in metrics  # it does not answer
+    p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=1", "--prompt=a large [MASK] circle")
+    assert "[MASK] #1:" in p.stdout and "most likely: a large" in p.stdout
+    p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=1", check=False)
+    assert p.returncode == 2 and "fills blanks" in p.stderr
