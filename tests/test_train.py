@@ -113,8 +113,9 @@ def test_ddp_two_cpu_processes(tmp_path):
     (["mae", "missing.conf"], "config file not found"),
     (["mae", "--dataset=folder", "--data_path=/nonexistent"], "image folder not found"),
 ])
-def test_bad_input_gives_one_line_error(args, message):
-    p = run("train.py", *args, check=False)
+def test_bad_input_gives_one_line_error(tmp_path, args, message):
+    out = [] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={tmp_path / 'out'}"]
+    p = run("train.py", *args, *out, check=False)
     assert p.returncode != 0 and message in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
