@@ -55,10 +55,12 @@ def test_config_file_is_parsed_not_executed(tmp_path):
 @pytest.mark.parametrize("idea, tiny", [
     ("mae", ["--n_train=16", "--n_val=8", "--n_layer=2"]),
     ("mlm", ["--corpus=pydoc", "--tokenizer=char", "--n_layer=2", "--block_size=16"]),
+    ("vlm", ["--n_train=16", "--n_eval=4", "--vision_n_layer=1", "--n_layer=1"]),
 ])
 def test_gpu_config_runs_two_tiny_iterations_on_cpu(tmp_path, idea, tiny):
     import mlm
-    module = {"mae": mae, "mlm": mlm}[idea]
+    import vlm
+    module = {"mae": mae, "mlm": mlm, "vlm": vlm}[idea]
     tc, mc = build_configs(module, parse_overrides([str(ROOT / f"config/{idea}_gpu.conf")], TrainConfig, module.Config))
     assert tc.compile and tc.batch_size >= 256 and mc.n_embd >= 384
     run("train.py", idea, f"config/{idea}_gpu.conf", "--device=cpu", "--compile=false", "--max_iters=2",
