@@ -249,17 +249,13 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
 @torch.no_grad()
 def image_attention(model, images, prompt, answer):
     """For each answer token: the share of attention (mean over layers and heads) that the position
-    predicting it pays to the image tokens. SDPA does not return its weights, so they are recomputed
-    here from each block's own query and key projections."""
+    predicting it pays to the image tokens (mae.Attention.weights, block by block)."""
     x, key_valid, n_prefix = model.sequence(images, prompt, answer)
     mask = vlm.prefix_lm_mask(key_valid, n_prefix)  # (B, 1, S, S)
     n_img = x.shape[1] - prompt.shape[1] - answer.shape[1]
     shares = []
     for blk in model.blocks:
-        B, S, C = x.shape
-        nh = blk.attn.n_head
-        q, k, _ = blk.attn.qkv(blk.norm1(x)).view(B, S, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
-        w = (q @ k.transpose(-1, -2) / math.sqrt(C // nh)).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, h, S, S)
+        w = blk.attn.weights(blk.norm1(x), mask)  # (B, h, S, S)
         shares.append(w[..., :n_img].sum(-1).mean(1))  # (B, S)
         x = blk(x, attn_mask=mask)
     return torch.stack(shares).mean(0)[:, -answer.shape[1] - 1:-1]  # (B, A)

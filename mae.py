@@ -90,6 +90,13 @@ class Attention(nn.Module):
                                            is_causal=is_causal and attn_mask is None)  # (B, h, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
+    def weights(self, x, attn_mask):
+        """The attention probabilities forward() uses, (B, h, T, T), for looking at where tokens attend
+        (SDPA does not return them). attn_mask: bool, True = may attend."""
+        B, T, C = x.shape
+        q, k, _ = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        return (q @ k.transpose(-1, -2) * (C // self.n_head) ** -0.5).masked_fill(~attn_mask, float("-inf")).softmax(-1)
+
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)). kv_cache: a dict this

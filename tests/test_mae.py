@@ -122,3 +122,16 @@ def test_config_errors():
         Config(img_size=60, patch_size=8)
     with pytest.raises(UserError, match="masking"):
         Config(masking="checkers")
+
+
+def test_attention_weights_are_the_ones_forward_uses():
+    torch.manual_seed(0)
+    attn = mae.Attention(16, 2)
+    x = torch.randn(3, 5, 16)
+    mask = torch.rand(3, 1, 5, 5) > 0.3
+    mask |= torch.eye(5, dtype=torch.bool)  # every query sees at least itself
+    w = attn.weights(x, mask)  # (B, h, T, T)
+    v = attn.qkv(x).view(3, 5, 3, 2, 8)[:, :, 2].transpose(1, 2)  # (B, h, T, hd)
+    expect = attn.proj((w @ v).transpose(1, 2).reshape(3, 5, 16))
+    assert torch.allclose(attn(x, attn_mask=mask), expect, atol=1e-5)
+    assert torch.allclose(w.sum(-1), torch.ones(3, 2, 5)) and (w[~mask.expand_as(w)] == 0).all()
