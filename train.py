@@ -207,15 +207,16 @@ def count_flops(model, batch):
     return fc.get_total_flops()
 
 
-def plot_losses(history, path):
+def plot_losses(curves, path):
+    """{label: [(iteration, loss), ...]} -> a log-scale PNG; a curve named 'train' is a plain line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for split, style in (("train", "-"), ("val", "o-")):
-        if history[split]:
-            xs, ys = zip(*history[split])
-            ax.plot(xs, ys, style, label=split)
+    for label, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, "-" if label == "train" else "o-", ms=3, label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

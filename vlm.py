@@ -429,23 +429,9 @@ def evaluate(model, data, device):
 
 def plot_runs(out_dirs, path):
     """Val-loss curves of several `train.py vlm` runs in one PNG (the MAE-initialisation comparison)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from train import load_checkpoint
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for d in out_dirs:
-        ckpt = load_checkpoint(f"{d}/ckpt.pt", "vlm")
-        xs, ys = zip(*ckpt["history"]["val"])
-        ax.plot(xs, ys, "o-", ms=3, label=d.rstrip("/").split("/")[-1])
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("val loss (answer tokens)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from train import load_checkpoint, plot_losses
+    plot_losses({d.rstrip("/").split("/")[-1]: load_checkpoint(f"{d}/ckpt.pt", "vlm")["history"]["val"]
+                 for d in out_dirs}, path)
 
 
 if __name__ == "__main__":  # python vlm.py OUT_DIR [OUT_DIR ...] PNG: val curves side by side
