@@ -196,32 +196,48 @@ def bench_hallucination(bc):
     import numpy as np
     import hallucination as H
     import vlm
+    from sample import SampleConfig, load_model
     device = pick_device(bc.device)
-    torch.manual_seed(0)
-    cfg = vlm.Config()
-    model = vlm.VLM(cfg).to(device).eval()
-    with torch.no_grad():
-        model.head_bias[model.tok.eot_id] = -1e9  # no early stop: every method writes the same tokens
-    data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
     sc = H.StudyConfig()
-    idx = np.arange(100)
-    pope = data.make_batch("val", idx, [("is there a star?", "")] * len(idx), device)
-    caps = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
-    print(f"device {device}, {torch.get_num_threads()} threads; 100 scenes a batch, median of {bc.steps} runs; "
-          f"branches batched, each with its own KV cache\n")
-    print(f"{'method':<30}{'branches':>9}{'ms / POPE answer':>18}{'ms / caption':>14}{'x greedy (POPE, caption)':>26}")
-    base = None
-    for name, method in H.methods(sc).items():
-        row = []
-        for b, n_tokens in ((pope, 3), (caps, 40)):
-            def run():
-                t0 = time.perf_counter()
-                H.decode(model, vlm.row_images(b), b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0))
-                return time.perf_counter() - t0
-            run()  # warm-up
-            row.append(sorted(run() for _ in range(bc.steps))[bc.steps // 2] / len(idx) * 1000)
-        base = base or row
-        print(f"{name:<30}{len(method[0]):>9}{row[0]:>18.2f}{row[1]:>14.2f}{row[0] / base[0]:>19.2f}x, {row[1] / base[1]:.2f}x")
+    ckpt = Path(sc.out_dir) / "biased/ckpt.pt"
+    if ckpt.exists():  # the trained study model: how often the cut leaves a choice is a property of the model
+        _, model, cfg, _ = load_model("vlm", SampleConfig(out_dir=str(ckpt.parent), ckpt=ckpt.name, device=device))
+        print(f"the study's model, {ckpt}")
+    else:
+        torch.manual_seed(0)
+        cfg = vlm.Config()
+        model = vlm.VLM(cfg).to(device).eval()
+        with torch.no_grad():
+            model.head_bias[model.tok.eot_id] = -1e9  # an untrained model would stop at random: write every token
+        print(f"no trained model at {ckpt} (python hallucination.py trains it): an untrained one, whose flat "
+              f"logits pass most tokens through the cut, so the second branch runs for nearly every row")
+    data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
+    qs = H.pope_questions(data, "adversarial", 50, 0, *H.shape_stats(data))
+    pope = data.make_batch("val", np.array([q[0] for q in qs]), [(f"is there a {H.SHAPES[q[1]]}?", "") for q in qs], device)
+    caps = data.make_batch("val", np.arange(100), [(vlm.CAPTION_PROMPT, "")] * 100, device)
+    print(f"device {device}, {torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and 100 captions "
+          f"({sc.caption_tokens} tokens at most) a batch, median of {bc.steps} runs each\n")
+    print(f"{'method':<34}{'ms / POPE answer':>17}{'ms / caption':>14}{'x greedy (POPE, caption)':>26}"
+          f"{'rows 2nd branch read':>24}")
+    runs = [(name, m, True) for name, m in H.methods(sc).items()] + [("VCD (greedy), every row", H.methods(sc)["VCD (greedy)"], False)]
+    tasks = ((pope, 3), (caps, sc.caption_tokens))
+
+    def run(method, gate, b, n_tokens):
+        t0 = time.perf_counter()
+        n = H.decode(model, vlm.row_images(b), b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0), gate)[2]
+        return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
+
+    read = {(name, k): run(m, gate, *task)[1] for name, m, gate in runs for k, task in enumerate(tasks)}  # and warm-up
+    times = {key: [] for key in read}
+    for k, task in enumerate(tasks):
+        for _ in range(bc.steps):  # round robin, so that a slow spell of a shared machine hits every method alike
+            for name, m, gate in runs:
+                times[name, k].append(run(m, gate, *task)[0])
+    base = [np.median(times[runs[0][0], k]) for k in range(2)]
+    for name, m, _ in runs:
+        ms = [np.median(times[name, k]) for k in range(2)]
+        share = ", ".join(f"{100 * read[name, k]:.0f}%" for k in range(2)) if m.second else "-"
+        print(f"{name:<34}{ms[0]:>17.2f}{ms[1]:>14.2f}{ms[0] / base[0]:>19.2f}x, {ms[1] / base[1]:.2f}x{share:>24}")
 
 
 BENCHES = {"mae": bench_mae, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}

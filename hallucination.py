@@ -10,10 +10,11 @@ In the shapes world the truth is exact, so hallucination is counted, not guessed
     CHAIR (Rohrbach et al. 2018) shapes a caption names that are not in the scene, per mention
                                (CHAIR_i) and per caption (CHAIR_s), beside object recall, all at one
                                fixed caption length, so no method wins by saying less.
-Decoding methods are small functions on next-token logits. Their branches (the clean image, a noised
-one, a blank one, a flipped one) run as one batch, each row with its own KV cache (vlm.start/step):
-    VCD (Leng et al. 2024)     (1+a)*logits(image) - a*logits(image under diffusion noise, t=500),
-                               with the adaptive plausibility cut (tokens with p < b * max p: -inf)
+Decoding methods are small functions on next-token logits. Every contrast keeps only the tokens that
+pass the plausibility cut on the clean logits (p >= b * max p), so where one token passes it is the
+answer whatever the second branch says; the second branch (a noised, blank or flipped image) runs only
+for the rows where it can matter, batched, each row with its own KV cache (vlm.start/step):
+    VCD (Leng et al. 2024)     (1+a)*logits(image) - a*logits(image under diffusion noise, t=500), cut
     the cut alone              the control: how much of VCD's gain is the cut, not the contrast
     no-image contrast          the same formula against a blank canvas (the language prior; as in
                                M3ID's unconditioned branch, without its length schedule)
@@ -71,75 +72,115 @@ def noise_coefficients(t, steps=1000):
     return alpha_bar.sqrt().item(), (1 - alpha_bar).sqrt().item()
 
 
+def plausible(logits, beta=0.1):
+    """VCD's adaptive plausibility constraint: the tokens with p >= beta * max p (temperature 1) -> bool."""
+    return logits >= math.log(beta) + logits.max(-1, keepdim=True).values
+
+
 def plausibility_cut(logits, beta=0.1):
-    """Keep tokens with p >= beta * max p (at temperature 1); the rest -inf."""
-    cutoff = math.log(beta) + logits.max(-1, keepdim=True).values
-    return logits.masked_fill(logits < cutoff, float("-inf"))
+    """The clean logits with every implausible token at -inf."""
+    return logits.masked_fill(~plausible(logits, beta), float("-inf"))
 
 
 def contrastive_logits(logits, logits_cd, alpha=1.0, beta=0.1):
     """VCD: (1+alpha)*logits - alpha*logits_cd, with the plausibility cut computed on the clean logits."""
-    cutoff = math.log(beta) + logits.max(-1, keepdim=True).values
-    scores = (1 + alpha) * logits - alpha * logits_cd
-    return scores.masked_fill(logits < cutoff, float("-inf"))
+    return ((1 + alpha) * logits - alpha * logits_cd).masked_fill(~plausible(logits, beta), float("-inf"))
 
 
-def noised(images, t, gen):
-    a, s = noise_coefficients(t)
-    return a * images + s * torch.randn(images.shape, generator=gen).to(images.device)
+def transform(img, k):
+    """RITUAL's random transformations that keep what is in a scene: k = 0, 1 flips, 2, 3 quarter turns."""
+    return img.flip(-1) if k == 0 else img.flip(-2) if k == 1 else torch.rot90(img, k - 1, (-2, -1))
 
 
-def transformed(images, gen):
-    """RITUAL's random transformations that keep what is in a scene: flips and quarter turns."""
-    out = []
-    for img, k in zip(images, torch.randint(0, 4, (len(images),), generator=gen).tolist()):
-        out.append(img.flip(-1) if k == 0 else img.flip(-2) if k == 1 else torch.rot90(img, k - 1, (-2, -1)))
-    return torch.stack(out)
+@dataclass(frozen=True)
+class Method:
+    second: str = ""      # the second branch's image: "noised", "blank", "transformed", or none
+    mix: object = None    # (clean logits, second logits) -> scores, before the cut
+    cut: bool = False     # the plausibility cut on the clean logits (every two-branch method has it)
+    sample: bool = False  # sample at T=1 (Gumbel max), else greedy
 
 
 def methods(sc):
-    """name -> (branches, combine(list of logits) -> scores, sample?)."""
     a, b, k = sc.alpha, sc.beta, sc.kappa
+    vcd = lambda l, l2: (1 + a) * l - a * l2  # noqa: E731
     return {
-        "greedy": (("clean",), lambda l: l[0], False),
-        "sampling": (("clean",), lambda l: l[0], True),
-        "cut only (sampling)": (("clean",), lambda l: plausibility_cut(l[0], b), True),
-        "VCD (sampling)": (("clean", "noised"), lambda l: contrastive_logits(l[0], l[1], a, b), True),
-        "VCD (greedy)": (("clean", "noised"), lambda l: contrastive_logits(l[0], l[1], a, b), False),
-        "no-image contrast (sampling)": (("clean", "blank"), lambda l: contrastive_logits(l[0], l[1], a, b), True),
-        "RITUAL (sampling)": (("clean", "transformed"), lambda l: plausibility_cut(l[0] + k * l[1], b), True),
+        "greedy": Method(),
+        "sampling": Method(sample=True),
+        "cut only (sampling)": Method(cut=True, sample=True),
+        "VCD (sampling)": Method("noised", vcd, True, True),
+        "VCD (greedy)": Method("noised", vcd, True, False),
+        "no-image contrast (sampling)": Method("blank", vcd, True, True),
+        "RITUAL (sampling)": Method("transformed", lambda l, l2: l + k * l2, True, True),  # cut on clean, as in its code
     }
 
 
-def branch_images(images, branches, sc, gen):
-    make = {"clean": lambda: images, "noised": lambda: noised(images, sc.noise_step, gen),
-            "blank": lambda: vlm.blank_like(images), "transformed": lambda: transformed(images, gen)}
-    return torch.cat([make[b]() for b in branches])  # (n_branches * B, 3, H, W)
+def second_branch(images, second, sc, gen):
+    """-> rows (n,) -> (the second branch's images, image_index) for those rows. The random draws (a
+    noise seed, a transformation per row) are made up front, so they never depend on which rows ask."""
+    B = len(images)
+    if second == "noised":  # VCD: x_t = a * x_0 + s * eps, eps drawn once per image
+        a, s = noise_coefficients(sc.noise_step)
+        seeds = torch.randint(2 ** 62, (B,), generator=gen).tolist()
+        eps = lambda r: torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(seeds[r]))  # noqa: E731
+        return lambda rows: (a * images[rows] + s * torch.stack([eps(r) for r in rows.tolist()]).to(images.device), None)
+    if second == "transformed":
+        ks = torch.randint(0, 4, (B,), generator=gen).tolist()
+        return lambda rows: (torch.stack([transform(images[r], ks[r]) for r in rows.tolist()]), None)
+    # the blank canvas is one image for every row: the vision tower reads it once
+    return lambda rows: (vlm.blank_like(images[:1]), torch.zeros_like(rows))
 
 
 @torch.no_grad()
-def decode(model, images, prompt, method, sc, max_new_tokens, gen):
-    """One method over a batch: all branches in one forward per token, each row with its own cache.
-    -> (tokens (B, T), first-step scores (B, V))."""
-    branches, combine, sample = method
-    nb, B = len(branches), images.shape[0]
-    logits, state = model.start(branch_images(images, branches, sc, gen), prompt.repeat(nb, 1))
-    pad, eot = model.tok.pad_id, model.tok.eot_id
-    out, done, first = [], torch.zeros(B, dtype=torch.bool, device=images.device), None
+def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
+    """One method over a batch -> (tokens (B, T), first-step scores (B, V), rows the second branch read).
+
+    The second branch can only reorder the tokens that pass the plausibility cut on the clean logits;
+    where one token passes, every method here picks it. So (gate=True) the second branch reads only
+    the rows where two or more pass, and only when they do: a row joins it when first needed, reading
+    its image, prompt and the tokens so far in one pass (vlm.start), and the tokens chosen while no row
+    needs it wait and go in one pass when one does (vlm.step with T > 1). Rows are batched, each with
+    its own KV cache. The tokens are those of running both branches over every row at every step
+    (gate=False), which a test checks."""
+    B, dev = images.shape[0], images.device
+    logits, state = model.start(images, prompt)  # (B, V)
+    if method.second:
+        second_images = second_branch(images, method.second, sc, gen)
+        rows, logits2, state2, waiting = torch.zeros(0, dtype=torch.long, device=dev), None, None, []
+    out, done, first = [], torch.zeros(B, dtype=torch.bool, device=dev), None
     for _ in range(max_new_tokens):
-        scores = combine(list(logits.view(nb, B, -1)))  # (B, V)
+        keep = plausible(logits, sc.beta) if method.cut else None  # (B, V); every two-branch method cuts
+        scores = logits.masked_fill(~keep, float("-inf")) if method.cut else logits
+        if method.second:
+            need = ~done & ((keep.sum(-1) > 1) | (not gate))  # (B,)
+            joining = need.clone()
+            joining[rows] = False
+            joining = joining.nonzero()[:, 0]
+            if waiting and (len(joining) or need[rows].any()):  # catch up before using or joining the cache
+                logits2, waiting = model.step(state2, torch.stack(waiting, 1)), []
+            if len(joining):
+                answer = torch.stack(out, 1)[joining] if out else prompt[joining, :0]  # (n, t): not done, no padding
+                imgs, index = second_images(joining)
+                l2, s2 = model.start(imgs, prompt[joining], answer, index)
+                rows, state2 = torch.cat([rows, joining]), vlm.cat_states(state2, s2)
+                logits2 = l2 if logits2 is None else torch.cat([logits2, l2])
+            if need.any():
+                sel = need[rows]  # which of the second branch's rows need it now
+                r = rows[sel]
+                scores[r] = method.mix(logits[r], logits2[sel]).masked_fill(~keep[r], float("-inf"))
         first = scores if first is None else first
-        if sample:
-            u = torch.rand(scores.shape, generator=gen).to(scores.device)
-            token = (scores.float().log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)  # Gumbel max
+        if method.sample:
+            u = torch.rand(scores.shape, generator=gen).to(dev)
+            token = (scores.log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)  # Gumbel max
         else:
             token = scores.argmax(-1)
-        out.append(torch.where(done, pad, token))
-        done |= token == eot
+        out.append(torch.where(done, model.tok.pad_id, token))
+        done |= token == model.tok.eot_id
         if done.all():
             break
-        logits = model.step(state, token.repeat(nb))
-    return torch.stack(out, 1), first
+        logits = model.step(state, token[:, None])
+        if method.second and len(rows):
+            waiting.append(token[rows])
+    return torch.stack(out, 1), first, len(rows) if method.second else 0
 
 
 def text_of(model, ids):
@@ -223,7 +264,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
             chunk = qs[k:k + batch_size]
             b = data.make_batch("val", np.array([c[0] for c in chunk]),
                                 [(f"is there a {SHAPES[c[1]]}?", "") for c in chunk], device)
-            tokens, first = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
+            tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
             for (scene, shape, label), ids, s in zip(chunk, tokens.tolist(), first):
                 raw = text_of(model, ids)
                 labels.append(label)
@@ -239,7 +280,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
-        tokens, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
+        tokens, _, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
         texts += [text_of(model, ids) for ids in tokens.tolist()]
     out.update(chair(texts, [data.shapes["val"].scene(i) for i in scenes]))
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
@@ -353,8 +394,8 @@ def pictures(model, data, sc, device, out_dir, n=6):
     idx = np.arange(min(len(data.shapes["val"]), 400))
     b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
     gen = torch.Generator().manual_seed(0)
-    greedy = [text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms["greedy"], sc, sc.caption_tokens, gen)[0].tolist()]
-    vcd = [text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms["VCD (greedy)"], sc, sc.caption_tokens, gen)[0].tolist()]
+    greedy, vcd = ([text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms[name], sc,
+                                                      sc.caption_tokens, gen)[0].tolist()] for name in ("greedy", "VCD (greedy)"))
     bad = [i for i in idx if chair([greedy[i]], [data.shapes["val"].scene(i)])["chair_s"] > 0]
     good = [i for i in idx if greedy[i] == caption(data.shapes["val"].scene(i))]
     show = (bad + good)[:n]

@@ -193,26 +193,39 @@ class VLM(nn.Module):
     # -----------------------------------------------------------------------------------------
     # Generation with a KV cache: start() reads the prefix once, step() adds one token per row
 
-    def start(self, images, prompt):
-        """Read [image, prompt] -> (logits (B, V) for the first answer token, state). Each row of the
-        batch has its own cache row, so branches of one decoding method (a clean and a noised image,
-        say) run as one batch."""
-        empty = prompt[:, :0]
-        x, key_valid, n_prefix = self.sequence(images, prompt, empty)
+    def start(self, images, prompt, answer=None, image_index=None):
+        """Read [image, prompt, answer so far] -> (logits (B, V) for the next answer token, state).
+        Each row of the batch has its own cache row, so branches of one decoding method (a clean and
+        a noised image, say) run as one batch, and rows can join a batch late (cat_states)."""
+        answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
+        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         caches = [{} for _ in self.blocks]
         logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches)
         state = {"caches": caches, "key_valid": key_valid,
-                 "pos": (prompt != self.tok.pad_id).sum(1, keepdim=True)}  # (B, 1): next text position
+                 "pos": (prompt != self.tok.pad_id).sum(1, keepdim=True) + answer.shape[1]}  # (B, 1): next text position
         return logits[:, -1], state
 
-    def step(self, state, token):
-        """Feed one token (B,) per row -> logits (B, V) for the next one; the state is updated."""
-        if state["pos"].max() >= MAX_TEXT:
+    def step(self, state, tokens):
+        """Feed tokens (B, T) per row, causal among themselves -> logits (B, V) for the next one; the
+        state is updated. T is 1 in plain generation."""
+        T = tokens.shape[1]
+        pos = state["pos"] + torch.arange(T, device=tokens.device)  # (B, T)
+        if pos.max() >= MAX_TEXT:
             raise UserError(f"generation reached {MAX_TEXT} text tokens, the most this model reads")
-        x = self.embed(token[:, None], state["pos"])  # (B, 1, D)
-        state["key_valid"] = torch.cat([state["key_valid"], torch.ones_like(token[:, None], dtype=torch.bool)], 1)
-        state["pos"] = state["pos"] + 1
-        return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
+        x = self.embed(tokens, pos)  # (B, T, D)
+        state["key_valid"] = key_valid = torch.cat([state["key_valid"], torch.ones_like(tokens, dtype=torch.bool)], 1)
+        state["pos"] = pos[:, -1:] + 1
+        S = key_valid.shape[1]
+        causal = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)  # (T, S): the cache, then j <= i
+        return self.run(x, key_valid[:, None, None, :] & causal, state["caches"])[:, -1]
+
+
+def cat_states(a, b):
+    """Two generation states at the same position -> one, rows of a then rows of b."""
+    if a is None:
+        return b
+    return {"caches": [{k: torch.cat([ca[k], cb[k]]) for k in ca} for ca, cb in zip(a["caches"], b["caches"])],
+            "key_valid": torch.cat([a["key_valid"], b["key_valid"]]), "pos": torch.cat([a["pos"], b["pos"]])}
 
 
 Model = VLM
@@ -246,7 +259,7 @@ def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0,
         done |= token == eot
         if done.all():
             break
-        logits = model.step(state, token) if use_cache else model.logits(images, prompt, out)[:, -1]
+        logits = model.step(state, token[:, None]) if use_cache else model.logits(images, prompt, out)[:, -1]
     return out
 
 

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -76,31 +77,41 @@ def test_pope_questions_are_balanced_absent_and_adversarial(tiny):
                 assert freq[shape] == max(freq[s] for s in absent)
 
 
-def test_batched_branches_give_the_tokens_of_separate_passes(tiny):
+def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
     model, data = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.ln_f.weight.mul_(5)  # peaked logits: the cut keeps one token in some rows and steps, several in others
     sc = H.StudyConfig()
-    b = data.make_batch("val", np.arange(6), [(vlm.CAPTION_PROMPT, "")] * 3 + [("is there a star?", "")] * 3, "cpu")
-    for name in ("VCD (greedy)", "RITUAL (sampling)"):
-        method = H.methods(sc)[name]
-        batched, _ = H.decode(model, vlm.row_images(b), b["prompt"], method, sc, 10, torch.Generator().manual_seed(3))
-        # the reference: each branch as its own pass, same images and the same random draws
+    prompts = [(vlm.CAPTION_PROMPT, ""), ("which shapes are there?", "")] + [(f"is there a {s}?", "") for s in SHAPES]
+    b = data.make_batch("val", np.arange(8), prompts, "cpu")
+    images = vlm.row_images(b)
+    for name in ("VCD (greedy)", "RITUAL (sampling)", "no-image contrast (sampling)"):
+        m = H.methods(sc)[name]
+        gated, _, _ = H.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3))
+        full, _, n_full = H.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3), gate=False)
+        # rows the second branch reads within 1, 5 and 10 tokens: rows join late, one at a time, and some never
+        n = [H.decode(model, images, b["prompt"], m, sc, t, torch.Generator().manual_seed(3))[2] for t in (1, 5, 10)]
+        assert n_full == 8 and n[0] < n[1] < n[2] < 8, (name, n)
+        # the reference: each branch as its own pass over every row, the same random draws, no gate
         gen = torch.Generator().manual_seed(3)
-        imgs = H.branch_images(vlm.row_images(b), method[0], sc, gen).chunk(len(method[0]))
-        states = [model.start(im, b["prompt"]) for im in imgs]
+        images2, index = H.second_branch(images, m.second, sc, gen)(torch.arange(8))
+        states = [model.start(images, b["prompt"]), model.start(images2, b["prompt"], image_index=index)]
         logits, states = [s[0] for s in states], [s[1] for s in states]
         out = []
-        for _ in range(batched.shape[1]):
-            scores = method[1](logits)
-            if method[2]:
+        for _ in range(gated.shape[1]):
+            scores = m.mix(*logits).masked_fill(~H.plausible(logits[0], sc.beta), float("-inf"))
+            if m.sample:
                 u = torch.rand(scores.shape, generator=gen)
                 token = (scores.log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)
             else:
                 token = scores.argmax(-1)
             out.append(token)
-            logits = [model.step(st, token) for st in states]
+            logits = [model.step(st, token[:, None]) for st in states]
         ref = torch.stack(out, 1)
         done = torch.cumsum((ref == data.tok.eot_id).int(), 1) - (ref == data.tok.eot_id).int() > 0
-        assert torch.equal(batched, ref.masked_fill(done, data.tok.pad_id)), name
+        ref = ref.masked_fill(done, data.tok.pad_id)
+        assert torch.equal(gated, ref) and torch.equal(full, ref), name
 
 
 def test_image_attention_shares_are_fractions(tiny):
