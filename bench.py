@@ -209,8 +209,8 @@ def bench_hallucination(bc):
         model = vlm.VLM(cfg).to(device).eval()
         with torch.no_grad():
             model.head_bias[model.tok.eot_id] = -1e9  # an untrained model would stop at random: write every token
-        print(f"no trained model at {ckpt} (python hallucination.py trains it): an untrained one, whose flat "
-              f"logits pass most tokens through the cut, so the second branch runs for nearly every row")
+        print(f"no trained model at {ckpt} (python hallucination.py trains it), so an untrained one: how often "
+              f"the cut leaves a choice, and so what the second branch costs, is a property of the model")
     data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
     qs = H.pope_questions(data, "adversarial", 50, 0, *H.shape_stats(data))
     pope = data.make_batch("val", np.array([q[0] for q in qs]), [(f"is there a {H.SHAPES[q[1]]}?", "") for q in qs], device)
@@ -223,8 +223,9 @@ def bench_hallucination(bc):
     tasks = ((pope, 3), (caps, sc.caption_tokens))
 
     def run(method, gate, b, n_tokens):
+        images = vlm.row_images(b)
         t0 = time.perf_counter()
-        n = H.decode(model, vlm.row_images(b), b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0), gate)[2]
+        n = H.decode(model, images, b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0), gate)[2]
         return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
 
     read = {(name, k): run(m, gate, *task)[1] for name, m, gate in runs for k, task in enumerate(tasks)}  # and warm-up
