@@ -183,10 +183,6 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
     return torch.stack(out, 1), first, len(rows) if method.second else 0
 
 
-def text_of(model, ids):
-    return model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
-
-
 # ---------------------------------------------------------------------------------------------
 # POPE and CHAIR
 
@@ -265,8 +261,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
             b = data.make_batch("val", np.array([c[0] for c in chunk]),
                                 [(f"is there a {SHAPES[c[1]]}?", "") for c in chunk], device)
             tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
-            for (scene, shape, label), ids, s in zip(chunk, tokens.tolist(), first):
-                raw = text_of(model, ids)
+            for (scene, shape, label), raw, s in zip(chunk, model.texts(tokens), first):
                 labels.append(label)
                 by_text.append(parse_yes_no(raw))
                 by_prob.append("yes" if s[yes] > s[no] else "no")
@@ -281,7 +276,7 @@ def run_method(model, data, name, method, sc, seed, freq, cooc, device, records,
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
         tokens, _, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
-        texts += [text_of(model, ids) for ids in tokens.tolist()]
+        texts += model.texts(tokens)
     out.update(chair(texts, [data.shapes["val"].scene(i) for i in scenes]))
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
     return out
@@ -389,29 +384,20 @@ def pictures(model, data, sc, device, out_dir, n=6):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import textwrap
-    ms = methods(sc)
-    idx = np.arange(min(len(data.shapes["val"]), 400))
+    from sample import draw_grid
+    val, idx = data.shapes["val"], np.arange(min(len(data.shapes["val"]), 400))
     b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
     gen = torch.Generator().manual_seed(0)
-    greedy, vcd = ([text_of(model, t) for t in decode(model, vlm.row_images(b), b["prompt"], ms[name], sc,
-                                                      sc.caption_tokens, gen)[0].tolist()] for name in ("greedy", "VCD (greedy)"))
-    bad = [i for i in idx if chair([greedy[i]], [data.shapes["val"].scene(i)])["chair_s"] > 0]
-    good = [i for i in idx if greedy[i] == caption(data.shapes["val"].scene(i))]
+    greedy, vcd = (model.texts(decode(model, vlm.row_images(b), b["prompt"], methods(sc)[name], sc, sc.caption_tokens, gen)[0])
+                   for name in ("greedy", "VCD (greedy)"))
+    bad = [i for i in idx if chair([greedy[i]], [val.scene(i)])["chair_s"] > 0]
+    good = [i for i in idx if greedy[i] == caption(val.scene(i))]
     show = (bad + good)[:n]
-    fig, axes = plt.subplots(1, len(show), figsize=(3.3 * len(show), 5), squeeze=False)
-    for ax, i in zip(axes[0], show):
-        objs = data.shapes["val"].scene(i)
-        ax.imshow(data.shapes["val"].images[i])
-        ax.axis("off")
-        text = f"val {i}\ngreedy: {marked(greedy[i], objs)}\nVCD: {marked(vcd[i], objs)}"
-        ax.text(0, -0.03, "\n".join(textwrap.fill(line, 40) for line in text.split("\n")), fontsize=7,
-                transform=ax.transAxes, va="top")
-    fig.text(0.01, 0.01, "[shape✗] = a shape the scene does not have (counted per shape, so of two 'squares' "
-             "where there is one, the second is marked)", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.32, wspace=0.08)
-    fig.savefig(Path(out_dir) / "captions.png", dpi=100)
-    plt.close(fig)
+    if show:
+        draw_grid(val.images[show], [f"val {i}\ngreedy: {marked(greedy[i], val.scene(i))}\nVCD: {marked(vcd[i], val.scene(i))}"
+                                     for i in show], Path(out_dir) / "captions.png", cols=n,
+                  footer="[shape✗] = a shape the scene does not have (counted per shape, so of two 'squares' where "
+                         "there is one, the second is marked)")
     if not bad or not good:
         return {"hallucinated_scenes": len(bad), "correct_scenes": len(good)}
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -421,7 +407,7 @@ def pictures(model, data, sc, device, out_dir, n=6):
         words = [model.tok.token_str(t).strip() for t in answer[0].tolist()]
         ax.plot(share.cpu().numpy(), "o-", label=f"{label} (val {i})")
         for x, (w, y) in enumerate(zip(words, share.tolist())):
-            bad_word = label == "hallucinated" and w in SHAPES and SHAPES.index(w) not in data.shapes["val"].scene(i)[:, 0]
+            bad_word = label == "hallucinated" and w in SHAPES and SHAPES.index(w) not in val.scene(i)[:, 0]
             ax.annotate(w, (x, y), fontsize=6, rotation=60, color="red" if bad_word else "black")
     ax.set_xlabel("caption token")
     ax.set_ylabel("attention on image tokens")

@@ -137,19 +137,22 @@ def sample_mlm(sc):
     torch.manual_seed(sc.seed)
     if not sc.generate:  # one pass: the distribution at every blank
         probs = torch.softmax(model.logits(ids)[0] / max(sc.temperature, 1e-6), -1)  # (T, V)
-        blanks = (ids[0] == tok.mask_id).nonzero().flatten().tolist()
-        if not blanks:
+        if not (ids == tok.mask_id).any():
             raise UserError("the prompt has no [MASK] to fill")
-        for n, i in enumerate(blanks, 1):
-            p, top = probs[i].topk(max(sc.top_k, 5))
-            print(f"[MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
-        filled = torch.where(ids == tok.mask_id, probs.argmax(-1), ids)
-        print(f"most likely: {show(filled)}")
+        print(f"most likely: {show(show_blanks(tok, ids[0], probs, max(sc.top_k, 5))[None])}")
         return
     print(f"step  0: {show(ids)}")
     out = unmask(model, ids, sc.steps, sc.method, sc.temperature, sc.top_k,
                  callback=lambda k, x: print(f"step {k:2d}: {show(x)}"))
     print(f"\n{show(out)}")
+
+
+def show_blanks(tok, ids, probs, k, indent=""):
+    """Print the k likeliest tokens at each [MASK] of ids (T,), given probs (T, V) -> ids, blanks filled."""
+    for n, i in enumerate((ids == tok.mask_id).nonzero().flatten().tolist(), 1):
+        p, top = probs[i].topk(k)
+        print(f"{indent}[MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
+    return torch.where(ids == tok.mask_id, probs.argmax(-1), ids)
 
 
 def scene_images(sc, cfg, data):
@@ -184,44 +187,42 @@ def sample_vlm(sc):
         ids = data.encode([prompt.replace(" [MASK]", "[MASK]")] * len(names), left_pad=False).to(device)
         x, key_valid, n_prefix = model.sequence(imgs, ids[:, :0], ids)
         probs = torch.softmax(model.run(x, key_valid[:, None, None, :])[:, n_prefix:] / max(sc.temperature, 1e-6), -1)
-        blanks = (ids[0] == tok.mask_id).nonzero().flatten().tolist()
         answers = []
         for r, name in enumerate(names):
             print(f"{name}:")
-            for n, i in enumerate(blanks, 1):
-                p, top = probs[r, i].topk(max(sc.top_k, 5))
-                print(f"  [MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
-            filled = torch.where(ids[r] == tok.mask_id, probs[r].argmax(-1), ids[r])
+            filled = show_blanks(tok, ids[r], probs[r], max(sc.top_k, 5), indent="  ")
             answers.append(tok.decode([t for t in filled.tolist() if t != tok.pad_id]).strip())
             print(f"  most likely: {answers[-1]}")
     else:
         prompt_ids = data.encode([prompt] * len(names), left_pad=True).to(device)
         out = vlm.generate(model, imgs, prompt_ids, 40, sc.temperature, sc.top_k)
-        answers = [tok.decode([t for t in ids if t not in (tok.eot_id, tok.pad_id)]).strip() for ids in out.tolist()]
+        answers = model.texts(out)
         for name, a in zip(names, answers):
             print(f"{name}: {a}")
-    truth = [caption(data.shapes[sc.split].scene(i)) for i in idx] if idx is not None else None
+    texts = [f"{name}\nQ: {prompt}\nA: {a}" for name, a in zip(names, answers)]
+    if idx is not None:
+        texts = [f"{t}\ntrue: {caption(data.shapes[sc.split].scene(i))}" for t, i in zip(texts, idx)]
     out_path = Path(sc.out_dir or "out-vlm") / "sample_vlm.png"
-    draw_grid(images, names, prompt, answers, truth, out_path)
+    draw_grid(images, texts, out_path)
     print(f"wrote {out_path}")
 
 
-def draw_grid(images, names, prompt, answers, truth, path):
+def draw_grid(images, texts, path, cols=4, footer=""):
+    """Images (N, H, W, 3) in a grid with each one's text under it -> a PNG."""
     import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = min(4, len(images))
+    cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for k, (img, name, answer) in enumerate(zip(images, names, answers)):
-        ax = axes.flat[k]
+    for ax, img, text in zip(axes.flat, images, texts):
         ax.imshow(img)
-        text = f"{name}\nQ: {prompt}\nA: {answer}" + (f"\ntrue: {truth[k]}" if truth else "")
         ax.text(0, -0.03, "\n".join(textwrap.fill(line, 40) for line in text.split("\n")), fontsize=7,
                 transform=ax.transAxes, va="top")  # under the image
+    fig.text(0.01, 0.01, footer, fontsize=8)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.3, wspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)

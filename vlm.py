@@ -190,6 +190,11 @@ class VLM(nn.Module):
         acc = ((logits.argmax(-1) == labels) & sel).sum() / sel.sum().clamp(min=1)
         return loss, {"acc": acc.detach()}
 
+    def texts(self, out):
+        """Generated ids (B, T) -> B strings, end-of-text and padding dropped."""
+        drop = (self.tok.eot_id, self.tok.pad_id)
+        return [self.tok.decode([t for t in ids if t not in drop]).strip() for ids in out.tolist()]
+
     # -----------------------------------------------------------------------------------------
     # Generation with a KV cache: start() reads the prefix once, step() adds one token per row
 
@@ -366,8 +371,7 @@ def answer_questions(model, data, split, device, batch_size=256):
         chunk = items[k:k + batch_size]
         b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
         out = generate(model, row_images(b), b["prompt"], max_new_tokens=6)
-        for (_, kind, _, a), ids in zip(chunk, out.tolist()):
-            said = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
+        for (_, kind, _, a), said in zip(chunk, model.texts(out)):
             right[kind] = right.get(kind, 0) + (said == a)
             total[kind] = total.get(kind, 0) + 1
     acc = {kind: right[kind] / total[kind] for kind in sorted(total)}
@@ -385,8 +389,7 @@ def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40
         idx = np.arange(k, min(n, k + batch_size))
         b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
         out = generate(model, row_images(b), b["prompt"], max_new_tokens)
-        for i, ids in zip(idx, out.tolist()):
-            text = model.tok.decode([t for t in ids if t not in (model.tok.eot_id, model.tok.pad_id)]).strip()
+        for i, text in zip(idx, model.texts(out)):
             objs = data.shapes[split].scene(i)
             t, s, g = object_match(parse_caption(text), objs)
             tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
