@@ -19,7 +19,7 @@ from train import TrainConfig, pick_device
 
 @dataclass
 class BenchConfig:
-    steps: int = 10        # timed training steps per row (after 2 warm-up steps)
+    steps: int = 10        # timed training steps per row (after 2 warm-up steps); hallucination: runs per method
     device: str = "auto"
 
     def __post_init__(self):

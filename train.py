@@ -11,6 +11,7 @@ same small face, and the loop calls nothing else:
 The same loop runs on a laptop CPU, one GPU, or many under torchrun (DDP).
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -447,6 +448,8 @@ def train(idea, tc, mc, module, resume_ckpt=None):
         log(json.dumps(result, indent=1))
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     if ddp:
+        del model  # the DDP wrapper (in reference cycles) holds the process group: free it on every rank,
+        gc.collect()  # or gloo's threads can meet their end at interpreter exit and abort the process
         dist.barrier()
         dist.destroy_process_group()
     if master and lock is not None:
