@@ -13,7 +13,7 @@ In the shapes world the truth is exact, so hallucination is counted, not guessed
 Decoding methods are small functions on next-token logits. Every contrast keeps only the tokens that
 pass the plausibility cut on the clean logits (p >= b * max p), so where one token passes it is the
 answer whatever the second branch says; the second branch (a noised, blank or flipped image) runs only
-for the rows where it can matter, batched, each row with its own KV cache (vlm.start/step):
+for the rows where it can matter, in one batch with the clean rows, each row with its own KV cache:
     VCD (Leng et al. 2024)     (1+a)*logits(image) - a*logits(image under diffusion noise, t=500), cut
     the cut alone              the control: how much of VCD's gain is the cut, not the contrast
     no-image contrast          the same formula against a blank canvas (the language prior; as in
@@ -134,39 +134,36 @@ def second_branch(images, second, sc, gen):
 def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
     """One method over a batch -> (tokens (B, T), first-step scores (B, V), rows the second branch read).
 
-    The second branch can only reorder the tokens that pass the plausibility cut on the clean logits;
-    where one token passes, every method here picks it. So (gate=True) the second branch reads only
-    the rows where two or more pass, and only when they do: a row joins it when first needed, reading
-    its image, prompt and the tokens so far in one pass (vlm.start), and the tokens chosen while no row
-    needs it wait and go in one pass when one does (vlm.step with T > 1). Rows are batched, each with
-    its own KV cache. The tokens are those of running both branches over every row at every step
-    (gate=False), which a test checks."""
+    Every step is one batched forward over the clean rows and the second branch's rows, each row with
+    its own KV cache. The second branch can only reorder the tokens that pass the plausibility cut on
+    the clean logits; where one token passes, every method here picks it. So (gate=True) a row joins
+    the second branch only when two or more first pass: it reads the second image, its prompt and
+    the tokens so far in one pass (vlm.start) and joins the batch. The tokens are those of running
+    both branches for every row from the start (gate=False), which a test checks."""
     B, dev = images.shape[0], images.device
-    logits, state = model.start(images, prompt)  # (B, V)
+    logits, state = model.start(images, prompt)  # (B, V); rows B.. will be the second branch's
+    rows = torch.zeros(0, dtype=torch.long, device=dev)  # the clean row each second-branch row belongs to
     if method.second:
         second_images = second_branch(images, method.second, sc, gen)
-        rows, logits2, state2, waiting = torch.zeros(0, dtype=torch.long, device=dev), None, None, []
     out, done, first = [], torch.zeros(B, dtype=torch.bool, device=dev), None
     for _ in range(max_new_tokens):
-        keep = plausible(logits, sc.beta) if method.cut else None  # (B, V); every two-branch method cuts
-        scores = logits.masked_fill(~keep, float("-inf")) if method.cut else logits
+        clean = logits[:B]
+        keep = plausible(clean, sc.beta) if method.cut else None  # (B, V); every two-branch method cuts
+        scores = clean.masked_fill(~keep, float("-inf")) if method.cut else clean
         if method.second:
             need = ~done & ((keep.sum(-1) > 1) | (not gate))  # (B,)
             joining = need.clone()
             joining[rows] = False
             joining = joining.nonzero()[:, 0]
-            if waiting and (len(joining) or need[rows].any()):  # catch up before using or joining the cache
-                logits2, waiting = model.step(state2, torch.stack(waiting, 1)), []
             if len(joining):
                 answer = torch.stack(out, 1)[joining] if out else prompt[joining, :0]  # (n, t): not done, no padding
                 imgs, index = second_images(joining)
                 l2, s2 = model.start(imgs, prompt[joining], answer, index)
-                rows, state2 = torch.cat([rows, joining]), vlm.cat_states(state2, s2)
-                logits2 = l2 if logits2 is None else torch.cat([logits2, l2])
-            if need.any():
-                sel = need[rows]  # which of the second branch's rows need it now
-                r = rows[sel]
-                scores[r] = method.mix(logits[r], logits2[sel]).masked_fill(~keep[r], float("-inf"))
+                rows, state, logits = torch.cat([rows, joining]), vlm.cat_states(state, s2), torch.cat([logits, l2])
+            where = torch.zeros(B, dtype=torch.long, device=dev)
+            where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits
+            r = need.nonzero()[:, 0]
+            scores[r] = method.mix(clean[r], logits[where[r]]).masked_fill(~keep[r], float("-inf"))
         first = scores if first is None else first
         if method.sample:
             u = torch.rand(scores.shape, generator=gen).to(dev)
@@ -175,12 +172,10 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
             token = scores.argmax(-1)
         out.append(torch.where(done, model.tok.pad_id, token))
         done |= token == model.tok.eot_id
-        if done.all():
+        if done.all() or len(out) == max_new_tokens:
             break
-        logits = model.step(state, token[:, None])
-        if method.second and len(rows):
-            waiting.append(token[rows])
-    return torch.stack(out, 1), first, len(rows) if method.second else 0
+        logits = model.step(state, torch.cat([token, token[rows]]))  # every branch, one forward
+    return torch.stack(out, 1), first, len(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,19 +210,14 @@ class VLM(nn.Module):
                  "pos": (prompt != self.tok.pad_id).sum(1, keepdim=True) + answer.shape[1]}  # (B, 1): next text position
         return logits[:, -1], state
 
-    def step(self, state, tokens):
-        """Feed tokens (B, T) per row, causal among themselves -> logits (B, V) for the next one; the
-        state is updated. T is 1 in plain generation."""
-        T = tokens.shape[1]
-        pos = state["pos"] + torch.arange(T, device=tokens.device)  # (B, T)
-        if pos.max() >= MAX_TEXT:
+    def step(self, state, token):
+        """Feed one token (B,) per row -> logits (B, V) for the next one; the state is updated."""
+        if state["pos"].max() >= MAX_TEXT:
             raise UserError(f"generation reached {MAX_TEXT} text tokens, the most this model reads")
-        x = self.embed(tokens, pos)  # (B, T, D)
-        state["key_valid"] = key_valid = torch.cat([state["key_valid"], torch.ones_like(tokens, dtype=torch.bool)], 1)
-        state["pos"] = pos[:, -1:] + 1
-        S = key_valid.shape[1]
-        causal = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)  # (T, S): the cache, then j <= i
-        return self.run(x, key_valid[:, None, None, :] & causal, state["caches"])[:, -1]
+        x = self.embed(token[:, None], state["pos"])  # (B, 1, D)
+        state["key_valid"] = torch.cat([state["key_valid"], torch.ones_like(token[:, None], dtype=torch.bool)], 1)
+        state["pos"] = state["pos"] + 1
+        return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
 
 
 def cat_states(a, b):
@@ -262,9 +257,9 @@ def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0,
             token = logits.argmax(-1)  # (B,)
         out = torch.cat([out, torch.where(done, pad, token)[:, None]], dim=1)
         done |= token == eot
-        if done.all():
+        if done.all() or out.shape[1] == max_new_tokens:
             break
-        logits = model.step(state, token[:, None]) if use_cache else model.logits(images, prompt, out)[:, -1]
+        logits = model.step(state, token) if use_cache else model.logits(images, prompt, out)[:, -1]
     return out
 
 

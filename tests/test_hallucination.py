@@ -107,7 +107,7 @@ def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
             else:
                 token = scores.argmax(-1)
             out.append(token)
-            logits = [model.step(st, token[:, None]) for st in states]
+            logits = [model.step(st, token) for st in states]
         ref = torch.stack(out, 1)
         done = torch.cumsum((ref == data.tok.eot_id).int(), 1) - (ref == data.tok.eot_id).int() > 0
         ref = ref.masked_fill(done, data.tok.pad_id)
