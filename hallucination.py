@@ -95,14 +95,14 @@ def transform(img, k):
 @dataclass(frozen=True)
 class Method:
     second: str = ""      # the second branch's image: "noised", "blank", "transformed", or none
-    mix: object = None    # (clean logits, second logits) -> scores, before the cut
+    mix: object = None    # (clean logits, second logits) -> scores, implausible tokens (on the clean) at -inf
     cut: bool = False     # the plausibility cut on the clean logits (every two-branch method has it)
     sample: bool = False  # sample at T=1 (Gumbel max), else greedy
 
 
 def methods(sc):
     a, b, k = sc.alpha, sc.beta, sc.kappa
-    vcd = lambda l, l2: (1 + a) * l - a * l2  # noqa: E731
+    vcd = lambda l, l2: contrastive_logits(l, l2, a, b)  # noqa: E731
     return {
         "greedy": Method(),
         "sampling": Method(sample=True),
@@ -110,7 +110,8 @@ def methods(sc):
         "VCD (sampling)": Method("noised", vcd, True, True),
         "VCD (greedy)": Method("noised", vcd, True, False),
         "no-image contrast (sampling)": Method("blank", vcd, True, True),
-        "RITUAL (sampling)": Method("transformed", lambda l, l2: l + k * l2, True, True),  # cut on clean, as in its code
+        "RITUAL (sampling)": Method("transformed", lambda l, l2: (l + k * l2).masked_fill(~plausible(l, b), float("-inf")),
+                                    True, True),  # the cut on the clean logits, as in RITUAL's code
     }
 
 
@@ -163,7 +164,7 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
             where = torch.zeros(B, dtype=torch.long, device=dev)
             where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits
             r = need.nonzero()[:, 0]
-            scores[r] = method.mix(clean[r], logits[where[r]]).masked_fill(~keep[r], float("-inf"))
+            scores[r] = method.mix(clean[r], logits[where[r]])
         first = scores if first is None else first
         if method.sample:
             u = torch.rand(scores.shape, generator=gen).to(dev)

@@ -222,8 +222,6 @@ class VLM(nn.Module):
 
 def cat_states(a, b):
     """Two generation states at the same position -> one, rows of a then rows of b."""
-    if a is None:
-        return b
     return {"caches": [{k: torch.cat([ca[k], cb[k]]) for k in ca} for ca, cb in zip(a["caches"], b["caches"])],
             "key_valid": torch.cat([a["key_valid"], b["key_valid"]]), "pos": torch.cat([a["pos"], b["pos"]])}
 
