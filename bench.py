@@ -4,22 +4,24 @@ Absolute times on shared machines are noisy; the ratios in one run are what to r
 training configuration runs in a fresh process, so its peak memory is its own.
 """
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from data import UserError, at_least
-from config import cli, config_help, parse_overrides
-from train import TrainConfig, pick_device
+from checkpoints import load_model
+from common import UserError, at_least, choices_text, cpu_name, fmt_mib, peak_memory_mib, pick_device
+from config import cli, config_help, parse_overrides, usage
+from train import TrainConfig
 
 
 @dataclass
 class BenchConfig:
-    steps: int = 10        # timed training steps per row (after 2 warm-up steps); hallucination: runs per method
+    steps: int = 10        # timed training steps per row (after 2 warm-ups); hallucination: rounds of runs
     device: str = "auto"
 
     def __post_init__(self):
@@ -30,12 +32,12 @@ class BenchConfig:
 def time_steps(model, make_batch, steps, forward=None):
     """Median seconds per training step (forward, backward, AdamW)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    forward = forward or (lambda b: model(b)[0])
     times = []
     for i in range(steps + 2):
         batch = make_batch(i)
         t0 = time.perf_counter()
-        forward(batch).backward()
+        loss = forward(batch) if forward else model(batch)[0]
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
@@ -51,11 +53,9 @@ def train_row(args):
     module = __import__(idea)
     model = module.Model(cfg).to(device)
     data = module.Data(cfg, seed=TrainConfig.seed, verbose=False)  # train.py's data and cache
-    dt = time_steps(model, lambda i: data.batch("train", i, batch_size, device), steps)
+    dt = time_steps(model, partial(data.batch, "train", batch_size=batch_size, device=device), steps)
     items = data.items(data.batch("train", 0, batch_size, device))
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    return items / dt, peak
+    return items / dt, peak_memory_mib(device.split(":")[0])
 
 
 def in_fresh_process(fn, args):
@@ -68,12 +68,13 @@ def train_rows(idea, rows, bc, device):
     """Print training throughput and peak memory of each (name, config); -> items/s of the first."""
     module = __import__(idea)
     bs = module.train_defaults["batch_size"]
-    print(f"device {device}, batch {bs}, {torch.get_num_threads()} threads, {bc.steps} steps per row\n")
-    print(f"{'config':<44}{'train ' + module.Data.unit + '/s':>16}{'peak MiB':>10}")
+    print(f"device {device} ({cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}), batch {bs}, "
+          f"{torch.get_num_threads()} threads, {bc.steps} steps per row\n")
+    print(f"{'config':<44}{'train ' + module.Data.unit + '/s':>16}{'peak memory':>14}")
     speeds = []
     for name, cfg in rows:
         speed, peak = in_fresh_process(train_row, (idea, cfg, bs, bc.steps, device))
-        print(f"{name:<44}{speed:>16,.0f}{peak:>10,.0f}")
+        print(f"{name:<44}{speed:>16,.0f}{fmt_mib(peak):>14}")
         speeds.append(speed)
     return speeds[0]
 
@@ -111,8 +112,8 @@ def bench_mae(bc):
     for name, cfg in (("default", default), ("larger", larger)):
         model = mae.MAE(cfg).to(device)
         model.encoder_mask_token = torch.nn.Parameter(torch.zeros(1, 1, cfg.n_embd, device=device))
-        t_sym = time_steps(model, batches.__getitem__, bc.steps,
-                           lambda b: forward_mask_tokens_in_encoder(model, b))
+        forward = partial(forward_mask_tokens_in_encoder, model)
+        t_sym = time_steps(model, batches.__getitem__, bc.steps, forward)
         t_asym = time_steps(model, batches.__getitem__, bc.steps)
         print(f"  {name:<10} asymmetric {1000 * t_asym:7.1f} ms/step | mask tokens in encoder "
               f"{1000 * t_sym:7.1f} ms/step | speed-up {t_sym / t_asym:.2f}x")
@@ -150,7 +151,8 @@ def bench_mlm(bc):
         t0 = time.perf_counter()
         mlm.unmask(model, ids, steps=16, method=method)
         dt = time.perf_counter() - t0
-        print(f"sampling {method:<8} 16 steps, {bs} x {default.block_size} tokens: {ids.numel() / dt:>10,.0f} tokens/s")
+        print(f"sampling {method:<8} 16 steps, {bs} x {default.block_size} tokens: "
+              f"{ids.numel() / dt:>10,.0f} tokens/s")
 
     shared = Path(__file__).resolve().parent.parent / "shared/data/tiny_shakespeare.txt"
     name, corpus = ("Tiny Shakespeare", shared.read_text()) if shared.exists() else \
@@ -167,7 +169,6 @@ def bench_mlm(bc):
 
 
 def bench_vlm(bc):
-    import numpy as np
     import vlm
     device = pick_device(bc.device)
     default = vlm.Config()
@@ -188,53 +189,78 @@ def bench_vlm(bc):
             t0 = time.perf_counter()
             out = vlm.generate(model, vlm.row_images(b), b["prompt"], 32, use_cache=cache)
             speed[cache] = out.numel() / (time.perf_counter() - t0)
-        print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | recomputing {speed[False]:>8,.0f} tokens/s"
+        print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | "
+              f"recomputing {speed[False]:>8,.0f} tokens/s"
               f" | speed-up {speed[True] / speed[False]:.1f}x")
 
 
-def bench_hallucination(bc):
-    import numpy as np
-    import hallucination as H
+def study_model_or_untrained(sc, device):
+    """The trained study model (how often the cut leaves a choice is a property of the model), or an
+    untrained one that writes every token -> (model, cfg)."""
     import vlm
-    from sample import SampleConfig, load_model
+    ckpt = Path(sc.out_dir) / "biased/ckpt.pt"
+    if ckpt.exists():
+        _, model, cfg, _ = load_model("vlm", ckpt, device)
+        print(f"the study's model, {ckpt}")
+        return model, cfg
+    torch.manual_seed(0)
+    cfg = vlm.Config()
+    model = vlm.VLM(cfg).to(device).eval()
+    with torch.no_grad():
+        model.head_bias[model.tok.eot_id] = -1e9  # an untrained model would stop at random
+    print(f"no trained model at {ckpt} (python hallucination.py trains it), so an untrained one: how often "
+          f"the cut leaves a choice, and so what the second branch costs, is a property of the model")
+    return model, cfg
+
+
+def bench_hallucination(bc):
+    import decoding
+    import hallucination as H
+    import measures
+    import vlm
+    from data.shapes import exist_question
     device = pick_device(bc.device)
     sc = H.StudyConfig()
-    ckpt = Path(sc.out_dir) / "biased/ckpt.pt"
-    if ckpt.exists():  # the trained study model: how often the cut leaves a choice is a property of the model
-        _, model, cfg, _ = load_model("vlm", SampleConfig(out_dir=str(ckpt.parent), ckpt=ckpt.name, device=device))
-        print(f"the study's model, {ckpt}")
-    else:
-        torch.manual_seed(0)
-        cfg = vlm.Config()
-        model = vlm.VLM(cfg).to(device).eval()
-        with torch.no_grad():
-            model.head_bias[model.tok.eot_id] = -1e9  # an untrained model would stop at random: write every token
-        print(f"no trained model at {ckpt} (python hallucination.py trains it), so an untrained one: how often "
-              f"the cut leaves a choice, and so what the second branch costs, is a property of the model")
+    model, cfg = study_model_or_untrained(sc, device)
     data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
-    qs = H.pope_questions(data, "adversarial", 50, 0, *H.shape_stats(data))
-    pope = data.make_batch("val", np.array([q[0] for q in qs]), [(f"is there a {H.SHAPES[q[1]]}?", "") for q in qs], device)
-    caps = data.make_batch("val", np.arange(100), [(vlm.CAPTION_PROMPT, "")] * 100, device)
-    print(f"device {device}, {torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and 100 captions "
-          f"({sc.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\nround running every method once, and each ratio taken against greedy within a round\n")
-    print(f"{'method':<34}{'ms / POPE answer':>17}{'ms / caption':>14}{'x greedy (POPE, caption)':>26}"
-          f"{'rows 2nd branch read':>24}")
-    runs = [(name, m, True) for name, m in H.methods(sc).items()] + [("VCD (greedy), every row", H.methods(sc)["VCD (greedy)"], False)]
+    val = data.shapes["val"]
+    n_scenes, n_captions = min(50, len(val)), min(100, len(val))
+    qs = measures.pope_questions(val, "adversarial", n_scenes, 0, *measures.shape_stats(data.shapes["train"]))
+    pope = data.make_batch("val", np.array([q[0] for q in qs]), [(exist_question(q[1]), "") for q in qs],
+                           device)
+    caps = data.make_batch("val", np.arange(n_captions), [(vlm.CAPTION_PROMPT, "")] * n_captions, device)
+    print(f"device {device} ({cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}), "
+          f"{torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and {n_captions} "
+          f"captions "
+          f"({sc.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\nround running "
+          f"every method once, and each ratio taken against greedy within a round\n")
+    runs = [(name, m, True) for name, m in decoding.METHODS.items()]
+    runs.append(("VCD (greedy), every row", decoding.METHODS["VCD (greedy)"], False))
     tasks = ((pope, 3), (caps, sc.caption_tokens))
 
     def run(method, gate, b, n_tokens):
-        images = vlm.row_images(b)
+        images, gen = vlm.row_images(b), torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        n = H.decode(model, images, b["prompt"], method, sc, n_tokens, torch.Generator().manual_seed(0), gate)[2]
+        n = decoding.decode(model, images, b["prompt"], method, sc, n_tokens, gen, gate)[2]
         return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
 
-    read = {(name, k): run(m, gate, *task)[1] for name, m, gate in runs for k, task in enumerate(tasks)}  # and warm-up
+    read = {}  # the share of rows the second branch reads; this first round is also the warm-up
+    for name, m, gate in runs:
+        for k, task in enumerate(tasks):
+            read[name, k] = run(m, gate, *task)[1]
     times = {key: [] for key in read}
     for k, task in enumerate(tasks):
-        for _ in range(bc.steps):  # round robin, so that a slow spell of a shared machine hits every method alike
+        for _ in range(bc.steps):  # round robin: a slow spell of a shared machine hits every method alike
             for name, m, gate in runs:
                 times[name, k].append(run(m, gate, *task)[0])
-    for name, m, _ in runs:  # a ratio per round, against greedy in the same round: drift cancels
+    print_ratios(runs, times, read)
+
+
+def print_ratios(runs, times, read):
+    """ms per answer and, per round, the ratio to greedy in the same round (drift cancels): medians."""
+    print(f"{'method':<34}{'ms / POPE answer':>17}{'ms / caption':>14}{'x greedy (POPE, caption)':>26}"
+          f"{'rows 2nd branch read':>24}")
+    for name, m, _ in runs:
         ms = [np.median(times[name, k]) for k in range(2)]
         x = [np.median(np.array(times[name, k]) / np.array(times[runs[0][0], k])) for k in range(2)]
         share = ", ".join(f"{100 * read[name, k]:.0f}%" for k in range(2)) if m.second else "-"
@@ -245,13 +271,13 @@ BENCHES = {"mae": bench_mae, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination"
 
 
 def main(argv):
-    if not argv or argv[0] not in BENCHES or "-h" in argv or "--help" in argv:
-        if argv and argv[0] not in ("-h", "--help") and argv[0] not in BENCHES:
-            raise UserError(f"no benchmark for {argv[0]!r}; choose from {', '.join(BENCHES)}")
-        print("usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES))
-        print(config_help(BenchConfig))
-        return
+    if argv and argv[0] not in BENCHES and argv[0] not in ("-h", "--help"):
+        raise UserError(f"no benchmark for {argv[0]!r}; choose {choices_text(BENCHES)}")
+    if not argv or "-h" in argv or "--help" in argv:
+        text = "usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES)
+        return usage(text + "\n" + config_help(BenchConfig), argv)
     BENCHES[argv[0]](BenchConfig(**parse_overrides(argv[1:], BenchConfig)))
+    return 0
 
 
 if __name__ == "__main__":

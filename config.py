@@ -6,15 +6,12 @@ unknown key fails in one line with a "did you mean".
 """
 import dataclasses
 import difflib
-import importlib
 import math
 import os
 import sys
 from pathlib import Path
 
-from data import UserError
-
-IDEAS = ("mae", "mlm", "vlm")
+from common import UserError
 
 
 def convert(key, value, typ):
@@ -35,13 +32,14 @@ def convert(key, value, typ):
 
 
 def read_config_file(path):
-    """One `key = value` a line; '#' starts a comment unless inside a quoted value. -> [(key, value)]"""
+    """One `key = value` a line; '#' starts a comment unless inside a quoted value -> [(key, value)]."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not a UTF-8 text file (byte {e.start}); a config file holds key = value lines") from None
+        raise UserError(f"{path} is not a UTF-8 text file (byte {e.start}); "
+                        f"a config file holds key = value lines") from None
     pairs = []
     for n, line in enumerate(lines, 1):
         key, eq, value = line.partition("=")
@@ -94,24 +92,23 @@ def config_help(*config_classes, defaults=None):
 
 
 def cli(main):
-    """Run a script's main(argv): a UserError becomes one line on stderr and exit status 2, Ctrl-C
-    one line and 130."""
+    """Run a script's main(argv) and exit with what it returns (None is 0): a UserError becomes one
+    line on stderr and exit status 2, Ctrl-C one line and 130."""
     try:
-        main(sys.argv[1:])
+        code = main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits 130 itself)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code or 0)
 
 
-def load_idea(name):
-    if name not in IDEAS:
-        close = difflib.get_close_matches(name, IDEAS, n=1)
-        raise UserError(f"unknown idea {name!r}" + (f"; did you mean {close[0]}?" if close else
-                                                    f"; choose from {', '.join(IDEAS)}"))
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        raise UserError(f"idea {name!r} is not in this checkout yet ({e})") from None
+def usage(text, argv):
+    """Print a script's usage -> its exit status: 0 when asked for (--help), 2 when nothing was given
+    to run (the usage goes to stderr then, as a mistake's message does)."""
+    asked = "-h" in argv or "--help" in argv
+    print(text, file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
+

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, at_least, stream_indices
+from common import UserError, at_least, divisible, one_of
+from data import stream_indices, to_tensor
 
 
 @dataclass
@@ -45,21 +46,18 @@ class Config:
                  "decoder_n_layer", "decoder_n_head", "decoder_n_embd")
         if self.mlp_ratio <= 0:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
-        if self.img_size % self.patch_size:
-            raise UserError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        divisible(self, "img_size", "patch_size")
         if not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
-        if self.masking not in MASKINGS:
-            raise UserError(f"masking={self.masking!r}; choose from {', '.join(MASKINGS)}")
-        if self.dataset not in ("shapes", "folder", "cifar10"):
-            raise UserError(f"dataset={self.dataset!r}; choose shapes, folder or cifar10")
+        one_of(self, "masking", MASKINGS)
+        one_of(self, "dataset", ("shapes", "folder", "cifar10"))
         if self.dataset == "folder" and not self.data_path:
             raise UserError("--dataset=folder needs --data_path=DIR, the folder of your png/jpg images")
         if int((self.img_size // self.patch_size) ** 2 * (1 - self.mask_ratio)) < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} leaves no visible patch of "
                             f"{(self.img_size // self.patch_size) ** 2}")
-        if self.n_embd % self.n_head or self.decoder_n_embd % self.decoder_n_head:
-            raise UserError("n_embd must be divisible by n_head (and decoder_n_embd by decoder_n_head)")
+        divisible(self, "n_embd", "n_head")
+        divisible(self, "decoder_n_embd", "decoder_n_head")
 
 
 # what train.py uses unless told otherwise: ~4 minutes on 2 CPU cores
@@ -77,9 +75,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def heads(self, x):
+        """(B, T, C) -> q, k, v, each (B, h, T, hd)."""
+        B, T, C = x.shape
+        return self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+
     def forward(self, x, attn_mask=None, is_causal=False, kv_cache=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        q, k, v = self.heads(x)  # 3 x (B, h, T, hd)
         if kv_cache is not None:  # generation: the new positions also attend to every cached one
             if "k" in kv_cache:
                 k = torch.cat([kv_cache["k"], k], dim=2)  # (B, h, T_cached + T, hd)
@@ -93,9 +96,9 @@ class Attention(nn.Module):
     def weights(self, x, attn_mask):
         """The attention probabilities forward() uses, (B, h, T, T), for looking at where tokens attend
         (SDPA does not return them). attn_mask: bool, True = may attend."""
-        B, T, C = x.shape
-        q, k, _ = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
-        return (q @ k.transpose(-1, -2) * (C // self.n_head) ** -0.5).masked_fill(~attn_mask, float("-inf")).softmax(-1)
+        q, k, _ = self.heads(x)  # (B, h, T, hd)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, h, T, T)
+        return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
 
 
 class Block(nn.Module):
@@ -231,7 +234,8 @@ class ViTEncoder(nn.Module):
         self.p, self.grid = patch_size, img_size // patch_size
         self.patch_embed = nn.Linear(patch_size * patch_size * 3, n_embd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, n_embd))
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(n_embd, self.grid, True)[None])  # (1, 1+L, D)
+        pos_embed = get_2d_sincos_pos_embed(n_embd, self.grid, True)[None]  # (1, 1+L, D)
+        self.register_buffer("pos_embed", pos_embed)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd)
 
@@ -240,9 +244,11 @@ class ViTEncoder(nn.Module):
         x = x + self.pos_embed[:, 1:]
         N, L, _ = x.shape
         if mask_ratio > 0:
-            noise = {"random": lambda: None,
-                     "block": lambda: block_noise(N, self.grid, mask_ratio, x.device),
-                     "grid": lambda: grid_noise(N, self.grid, x.device)}[masking]()
+            noise = None  # random: uniform scores; block and grid shape them
+            if masking == "block":
+                noise = block_noise(N, self.grid, mask_ratio, x.device)
+            elif masking == "grid":
+                noise = grid_noise(N, self.grid, x.device)
             x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (N, len_keep, D)
         else:
             mask = torch.zeros(N, L, device=x.device)
@@ -263,7 +269,8 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         grid = cfg.img_size // p
-        self.register_buffer("decoder_pos_embed", get_2d_sincos_pos_embed(Dd, grid, True)[None])  # (1, 1+L, Dd)
+        decoder_pos_embed = get_2d_sincos_pos_embed(Dd, grid, True)[None]  # (1, 1+L, Dd)
+        self.register_buffer("decoder_pos_embed", decoder_pos_embed)
         self.decoder_blocks = nn.ModuleList(
             Block(Dd, cfg.decoder_n_head, cfg.mlp_ratio) for _ in range(cfg.decoder_n_layer))
         self.decoder_norm = nn.LayerNorm(Dd)
@@ -306,12 +313,6 @@ class MAE(nn.Module):
 # Data and evaluation: the rest of the face train.py calls
 
 Model = MAE
-
-
-def to_tensor(images, device):
-    """uint8 (N, H, W, 3) array -> float (N, 3, H, W) in [-1, 1] on `device` (bytes travel, not floats)."""
-    x = torch.from_numpy(np.array(images)).to(device, non_blocking=True)  # a copy: memmaps are read-only
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 class Data:
@@ -391,7 +392,8 @@ def evaluate(model, data, device, n_probe=4000):
         ("random_init", lambda x: features(random_encoder, x, device)),
         ("pixels", pixels))}
     for what, column, k in (("shape", 0, len(SHAPES)), ("colour", 1, len(COLOURS))):
-        y_train, y_val = torch.from_numpy(train.presence(column, k)[:n]), torch.from_numpy(test.presence(column, k))
+        y_train = torch.from_numpy(train.presence(column, k)[:n])
+        y_val = torch.from_numpy(test.presence(column, k))
         for name, (f_train, f_val) in feats.items():
             out[f"probe_{what}_{name}"] = linear_probe(f_train, y_train, f_val, y_val)
     return out

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, at_least
+from common import UserError, at_least, divisible, one_of
 from mae import Block, get_1d_sincos_pos_embed, init_weights
 
 
@@ -45,14 +45,11 @@ class Config:
             raise UserError(f"vocab_size={self.vocab_size} must be in [261, 65535]")
         if self.mlp_ratio <= 0:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
-        if self.objective not in ("bert", "diffusion"):
-            raise UserError(f"objective={self.objective!r}; choose bert or diffusion")
-        if self.tokenizer not in ("bpe", "char", "gpt2"):
-            raise UserError(f"tokenizer={self.tokenizer!r}; choose bpe, char or gpt2")
+        one_of(self, "objective", ("bert", "diffusion"))
+        one_of(self, "tokenizer", ("bpe", "char", "gpt2"))
         if not 0 < self.mask_prob < 1:
             raise UserError(f"mask_prob={self.mask_prob} must be in (0, 1)")
-        if self.n_embd % self.n_head:
-            raise UserError("n_embd must be divisible by n_head")
+        divisible(self, "n_embd", "n_head")
 
 
 # ~4 minutes on 2 CPU cores
@@ -86,6 +83,28 @@ def diffusion_mask(ids, mask_id, special_ids, eps=1e-3):
     return torch.where(masked, mask_id, ids), torch.where(masked, ids, -100), 1 / t.squeeze(1), maskable
 
 
+def masked_loss(logits, labels):
+    """Cross-entropy and accuracy over the positions with a label (-100 elsewhere) ->
+    (per-position cross-entropy (B, T), 0 where no label; mean loss; accuracy)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                         reduction="none").view(labels.shape)  # (B, T)
+    selected = labels != -100
+    n = selected.sum().clamp(min=1)
+    acc = ((logits.argmax(-1) == labels) & selected).sum() / n
+    return ce, ce.sum() / n, acc.detach()
+
+
+def word_mask(tok, words, device="cpu"):
+    """-> bool (V,): which tokens of the vocabulary are one of `words` (leading space aside)."""
+    return torch.tensor([tok.token_str(i).strip() in words for i in range(tok.vocab_size)], device=device)
+
+
+def gumbel_noise(like, generator=None):
+    """Standard Gumbel noise shaped like `like`: argmax(logits + noise) samples from softmax(logits)."""
+    u = torch.rand(like.shape, generator=generator, device=generator.device if generator else like.device)
+    return -torch.log(-torch.log(u.to(like.device).clamp(1e-10, 1)))
+
+
 class MLM(nn.Module):
     def __init__(self, cfg, tokenizer=None):
         super().__init__()
@@ -117,19 +136,14 @@ class MLM(nn.Module):
 
     def forward(self, ids):
         if self.cfg.objective == "bert":
-            inputs, labels = mask_tokens(ids, self.mask_id, self.n_regular, self.special_ids, self.cfg.mask_prob)
+            inputs, labels = mask_tokens(ids, self.mask_id, self.n_regular, self.special_ids,
+                                         self.cfg.mask_prob)
         else:
             inputs, labels, weight, maskable = diffusion_mask(ids, self.mask_id, self.special_ids)
-        logits = self.logits(inputs)  # (B, T, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                             reduction="none").view(labels.shape)  # (B, T), 0 where not selected
-        selected = labels != -100
-        if self.cfg.objective == "bert":
-            loss = ce.sum() / selected.sum().clamp(min=1)
-        else:  # the 1/t-weighted masked cross-entropy, averaged per token: a bound on -log p / token
-            loss = (ce.sum(1) * weight).sum() / maskable.sum().clamp(min=1)
-        acc = ((logits.argmax(-1) == labels) & selected).sum() / selected.sum().clamp(min=1)
-        return loss, {"acc": acc.detach()}
+        ce, loss, acc = masked_loss(self.logits(inputs), labels)  # (B, T), 0 where not selected
+        if self.cfg.objective == "diffusion":  # the 1/t-weighted masked cross-entropy, averaged per
+            loss = (ce.sum(1) * weight).sum() / maskable.sum().clamp(min=1)  # token: a bound on -log p
+        return loss, {"acc": acc}
 
 
 Model = MLM
@@ -170,8 +184,7 @@ def unmask(model, ids, steps=12, method="maskgit", temperature=1.0, top_k=0, cal
             reveal = masked & (torch.rand(ids.shape, device=ids.device) < (t - s) / t)
         else:
             conf = torch.log(torch.gather(probs, -1, sample.unsqueeze(-1)).squeeze(-1))  # (B, T)
-            gumbel = -torch.log(-torch.log(torch.rand_like(conf).clamp(1e-10, 1)))
-            conf = conf + temperature * (1 - k / steps) * gumbel
+            conf = conf + temperature * (1 - k / steps) * gumbel_noise(conf)
             conf = conf.masked_fill(~masked, float("inf"))  # fixed tokens are never re-masked
             n_keep_masked = torch.floor(n_masked * math.cos(math.pi / 2 * k / steps)).long()  # (B, 1)
             rank = conf.argsort(1).argsort(1)  # (B, T): 0 = least confident
@@ -199,7 +212,8 @@ class Data:
         self.tok, self.tokens = load_data(cfg, verbose)
         for split, arr in self.tokens.items():
             if len(arr) <= cfg.block_size:
-                raise UserError(f"the {split} text has {len(arr)} tokens, fewer than block_size={cfg.block_size}")
+                raise UserError(f"the {split} text has {len(arr)} tokens, "
+                                f"fewer than block_size={cfg.block_size}")
 
     def batch(self, split, pos, batch_size, device):
         data, T = self.tokens[split], self.cfg.block_size
@@ -218,8 +232,7 @@ def evaluate(model, data, device, n_batches=40, batch_size=64):
     from data.shapes import COLOUR_NAMES, NUMBERS, SHAPES, SIZES
     attribute = {*SHAPES, *COLOUR_NAMES, *SIZES, *NUMBERS, "yes", "no", "top", "bottom", "left", "right",
                  "center", "middle"}
-    is_attr = torch.tensor([model.tok.token_str(i).strip() in attribute for i in range(model.tok.vocab_size)],
-                           device=device)
+    is_attr = word_mask(model.tok, attribute, device)
     model.eval()
     ce_sum, n, right = 0.0, 0, {True: [0, 0], False: [0, 0]}
     with torch.random.fork_rng(devices=[]):

@@ -10,18 +10,18 @@ vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH..
      (default: describe the image.); prints each answer and saves a PNG grid with prompt and answer
      under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import UserError, at_least
-from config import cli, config_help, load_idea, parse_overrides
+from checkpoints import load_model
+from common import (UserError, at_least, check_writable, draw_grid, load_idea, one_of, pick_device, pyplot,
+                    savefig)
+from config import cli, config_help, parse_overrides, usage
+from data import to_tensor
 from data.shapes import caption
-from mae import to_tensor
-from train import load_checkpoint, pick_device
 
 
 @dataclass
@@ -47,30 +47,29 @@ class SampleConfig:
         at_least(self, 0, "top_k", "temperature")
         if self.mask_ratio != -1 and not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1), or -1 for the model's own")
-        if self.split not in ("val", "ood"):
-            raise UserError(f"split={self.split!r}; choose val or ood")
+        one_of(self, "split", ("val", "ood"))
         pick_device(self.device)
 
 
-def load_model(idea, sc):
-    """-> (module, model in eval mode on its device, its Config, the checkpoint)."""
-    module = load_idea(idea)
-    ckpt = load_checkpoint(Path(sc.out_dir or f"out-{idea}") / sc.ckpt, idea)
-    try:  # init_* keys name where training started from; the checkpoint's weights replace them
-        cfg = module.Config(**{k: "" if k.startswith("init_") else v for k, v in ckpt["config"]["model"].items()})
-        model = module.Model(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:
-        raise UserError(f"the checkpoint does not fit this code: {str(e).splitlines()[0]}") from None
-    device = pick_device(sc.device)
-    return module, model.to(device).eval(), cfg, ckpt
+def load(idea, sc):
+    """The run's checkpoint, checked, and out_dir checked writable before any work -> load_model's
+    (module, model, cfg, ckpt). The best checkpoint falls back to the latest where it is missing
+    (a run stopped before its first evaluation finished writing it)."""
+    out_dir = Path(sc.out_dir or f"out-{idea}")
+    path = out_dir / sc.ckpt
+    if sc.ckpt == "ckpt_best.pt" and not path.exists() and (out_dir / "ckpt.pt").exists():
+        print(f"no {path}; using {out_dir / 'ckpt.pt'}, the latest")
+        path = out_dir / "ckpt.pt"
+    loaded = load_model(idea, path, pick_device(sc.device))
+    check_writable(out_dir)
+    return loaded
 
 
 @torch.no_grad()
 def sample_mae(sc):
     from data.images import load_image
     from mae import patchify, unpatchify
-    module, model, cfg, ckpt = load_model("mae", sc)
+    module, model, cfg, ckpt = load("mae", sc)
     device = next(model.parameters()).device
     if sc.image:
         paths = sc.image.split(",")
@@ -97,11 +96,8 @@ def sample_mae(sc):
     for name, l in zip(names, loss.tolist()):
         print(f"{name}: masked-patch loss {l:.4f}")
     print(f"mean masked-patch loss {loss.mean().item():.4f} at mask ratio {ratio} ({cfg.masking})")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     N = len(names)
-    fig, axes = plt.subplots(N, 4, figsize=(8, 2 * N + 0.4), squeeze=False)
+    fig, axes = pyplot().subplots(N, 4, figsize=(8, 2 * N + 0.4), squeeze=False)
     for r in range(N):
         for c, (title, x) in enumerate(panels.items()):
             ax = axes[r, c]
@@ -111,19 +107,16 @@ def sample_mae(sc):
             if r == 0:
                 ax.set_title(title, fontsize=9)
         axes[r, 0].set_ylabel(f"{names[r]}\nloss {loss[r]:.3f}", fontsize=8)
-    fig.tight_layout()
     out = Path(sc.out_dir or "out-mae") / "sample_mae.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    savefig(fig, out)
     print(f"wrote {out}")
 
 
 @torch.no_grad()
 def sample_mlm(sc):
     from mlm import unmask
-    if sc.method not in ("maskgit", "mdlm"):
-        raise UserError(f"method={sc.method!r}; choose maskgit or mdlm")
-    _, model, cfg, _ = load_model("mlm", sc)
+    one_of(sc, "method", ("maskgit", "mdlm"))
+    _, model, cfg, _ = load("mlm", sc)
     tok, device = model.tok, next(model.parameters()).device
     if not sc.prompt and not sc.generate:
         raise UserError('give --prompt="text with [MASK]" and/or --generate')
@@ -133,7 +126,9 @@ def sample_mlm(sc):
     if len(ids) > cfg.block_size:
         raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {cfg.block_size}")
     ids = torch.tensor([ids], device=device)
-    show = lambda x: tok.decode(x[0].tolist()).replace("[MASK]", "░")  # noqa: E731
+
+    def show(x):
+        return tok.decode(x[0].tolist()).replace("[MASK]", "░")
     torch.manual_seed(sc.seed)
     if not sc.generate:  # one pass: the distribution at every blank
         probs = torch.softmax(model.logits(ids)[0] / max(sc.temperature, 1e-6), -1)  # (T, V)
@@ -151,7 +146,8 @@ def show_blanks(tok, ids, probs, k, indent=""):
     """Print the k likeliest tokens at each [MASK] of ids (T,), given probs (T, V) -> ids, blanks filled."""
     for n, i in enumerate((ids == tok.mask_id).nonzero().flatten().tolist(), 1):
         p, top = probs[i].topk(k)
-        print(f"{indent}[MASK] #{n}: " + ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist())))
+        candidates = ", ".join(f"{tok.token_str(t)!r} {q:.2f}" for t, q in zip(top.tolist(), p.tolist()))
+        print(f"{indent}[MASK] #{n}: {candidates}")
     return torch.where(ids == tok.mask_id, probs.argmax(-1), ids)
 
 
@@ -166,6 +162,8 @@ def scene_images(sc, cfg, data):
     except ValueError:
         raise UserError(f"--scenes={sc.scenes!r}: expected comma-separated scene numbers") from None
     n = len(data.shapes[sc.split])
+    if not sc.scenes and sc.n > n:
+        raise UserError(f"--n={sc.n}: the {sc.split} split has {n} scenes")
     if not all(0 <= i < n for i in idx):
         raise UserError(f"--scenes: the {sc.split} split has scenes 0 to {n - 1}")
     return np.stack([data.shapes[sc.split].images[i] for i in idx]), [f"{sc.split} {i}" for i in idx], idx
@@ -174,7 +172,7 @@ def scene_images(sc, cfg, data):
 @torch.no_grad()
 def sample_vlm(sc):
     import vlm
-    module, model, cfg, ckpt = load_model("vlm", sc)
+    module, model, cfg, ckpt = load("vlm", sc)
     device, tok = next(model.parameters()).device, model.tok
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     images, names, idx = scene_images(sc, cfg, data)
@@ -185,8 +183,7 @@ def sample_vlm(sc):
         if "[MASK]" not in prompt:
             raise UserError('an --objective=mlm model fills blanks: --prompt="a large [MASK] circle"')
         ids = data.encode([prompt.replace(" [MASK]", "[MASK]")] * len(names), left_pad=False).to(device)
-        x, key_valid, n_prefix = model.sequence(imgs, ids[:, :0], ids)
-        probs = torch.softmax(model.run(x, key_valid[:, None, None, :])[:, n_prefix:] / max(sc.temperature, 1e-6), -1)
+        probs = torch.softmax(model.fill(imgs, ids[:, :0], ids) / max(sc.temperature, 1e-6), -1)  # (N, T, V)
         answers = []
         for r, name in enumerate(names):
             print(f"{name}:")
@@ -207,40 +204,19 @@ def sample_vlm(sc):
     print(f"wrote {out_path}")
 
 
-def draw_grid(images, texts, path, cols=4, footer=""):
-    """Images (N, H, W, 3) in a grid with each one's text under it -> a PNG."""
-    import textwrap
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cols = min(cols, len(images))
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, text in zip(axes.flat, images, texts):
-        ax.imshow(img)
-        ax.text(0, -0.03, "\n".join(textwrap.fill(line, 40) for line in text.split("\n")), fontsize=7,
-                transform=ax.transAxes, va="top")  # under the image
-    fig.text(0.01, 0.01, footer, fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.3, wspace=0.08)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 SAMPLERS = {"mae": sample_mae, "mlm": sample_mlm, "vlm": sample_vlm}
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help") or "-h" in argv or "--help" in argv:
-        print("usage: python sample.py IDEA [--key=value ...]   IDEA: " + ", ".join(SAMPLERS))
-        print(config_help(SampleConfig))
-        return
+    if not argv or "-h" in argv or "--help" in argv:
+        text = "usage: python sample.py IDEA [--key=value ...]   IDEA: " + ", ".join(SAMPLERS)
+        return usage(text + "\n" + config_help(SampleConfig), argv)
     idea = argv[0]
     if idea not in SAMPLERS:
         load_idea(idea)  # the clear error for a misspelt idea
         raise UserError(f"sample.py has no sampler for {idea!r} yet")
     SAMPLERS[idea](SampleConfig(**parse_overrides(argv[1:], SampleConfig)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,18 +18,20 @@ prior alone. `hallucination.py` builds on `start`/`step`, which take any image, 
 """
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, at_least, stream_indices
-from mae import Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights, to_tensor
-from mlm import filter_logits, mask_tokens
+from checkpoints import load_checkpoint
+from common import UserError, at_least, check_writable, divisible, f1, one_of, plot_losses
+from mae import Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
+from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, load_tokenizer, row_images
+from data.shapes import SHAPES, caption, questions
+from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
-CAPTION_PROMPT = "describe the image."
-SHAPES_PROMPT = "which shapes are there?"
 MAX_TEXT = 128  # text positions (prompt + answer)
 
 
@@ -49,7 +51,7 @@ class Config:
     n_embd: int = 128
     mlp_ratio: float = 4.0
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
-    texts_per_image: int = 2     # prefix: each training image comes with its caption and this many - 1 questions
+    texts_per_image: int = 2     # prefix: each image comes with its caption and this many - 1 questions
     mask_prob: float = 0.15      # mlm
     init_vision: str = ""        # an MAE checkpoint (out-mae/ckpt.pt) to start the vision tower from
     freeze_vision: bool = False
@@ -57,17 +59,16 @@ class Config:
     skew: float = 0.5
 
     def __post_init__(self):
-        at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval", "vision_n_layer", "vision_n_head",
-                 "vision_n_embd", "n_layer", "n_head", "n_embd")
+        at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval",
+                 "vision_n_layer", "vision_n_head", "vision_n_embd", "n_layer", "n_head", "n_embd")
         at_least(self, 0, "n_captioned", "cooccur", "skew")
-        if self.img_size % self.patch_size:
-            raise UserError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        divisible(self, "img_size", "patch_size")
         if (self.img_size // self.patch_size) % self.merge:
-            raise UserError(f"merge={self.merge} does not divide the {self.img_size // self.patch_size}-patch grid")
-        if self.n_embd % self.n_head or self.vision_n_embd % self.vision_n_head:
-            raise UserError("n_embd must be divisible by n_head (and vision_n_embd by vision_n_head)")
-        if self.objective not in ("prefix", "mlm"):
-            raise UserError(f"objective={self.objective!r}; choose prefix or mlm")
+            grid = self.img_size // self.patch_size
+            raise UserError(f"merge={self.merge} does not divide the {grid}-patch grid")
+        divisible(self, "n_embd", "n_head")
+        divisible(self, "vision_n_embd", "vision_n_head")
+        one_of(self, "objective", ("prefix", "mlm"))
         if not 0 <= self.cooccur <= 1:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
         if not 0 < self.mask_prob < 1:
@@ -78,15 +79,9 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
 
-# ~9 minutes on 2 CPU cores, first run included (batch_size counts images; each brings texts_per_image texts)
+# ~9 minutes on 2 CPU cores, first run included (batch_size counts images, each with texts_per_image texts)
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=250, eval_iters=8)
-
-
-def load_tokenizer(verbose=False):
-    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached."""
-    from data import text
-    return text.load(text.prepare("shapes", "bpe", 512, verbose=verbose))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,16 +95,20 @@ class VLM(nn.Module):
         V, D = self.tok.vocab_size, cfg.n_embd
         self.vision = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.vision_n_layer, cfg.vision_n_head,
                                  cfg.vision_n_embd, cfg.mlp_ratio)
-        self.projector = nn.Sequential(nn.Linear(cfg.merge ** 2 * cfg.vision_n_embd, D), nn.GELU(), nn.Linear(D, D))
+        self.projector = nn.Sequential(nn.Linear(cfg.merge ** 2 * cfg.vision_n_embd, D), nn.GELU(),
+                                       nn.Linear(D, D))
         self.global_proj = nn.Linear(cfg.vision_n_embd, D)  # the ViT's cls token: the whole image in one
         grid = cfg.img_size // cfg.patch_size // cfg.merge
-        self.register_buffer("image_pos", get_2d_sincos_pos_embed(D, grid)[None], persistent=False)  # (1, L', D)
+        image_pos = get_2d_sincos_pos_embed(D, grid)[None]  # (1, L', D)
+        self.register_buffer("image_pos", image_pos, persistent=False)
         self.wte = nn.Embedding(V, D)
-        self.register_buffer("wpe", get_1d_sincos_pos_embed(D, torch.arange(MAX_TEXT)).float(), persistent=False)
+        wpe = get_1d_sincos_pos_embed(D, torch.arange(MAX_TEXT)).float()  # (MAX_TEXT, D)
+        self.register_buffer("wpe", wpe, persistent=False)
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
         self.head_bias = nn.Parameter(torch.zeros(V))
-        self.register_buffer("special_ids", torch.tensor(sorted(self.tok.special.values())), persistent=False)
+        special_ids = torch.tensor(sorted(self.tok.special.values()))
+        self.register_buffer("special_ids", special_ids, persistent=False)
         self.apply(init_weights)
         nn.init.normal_(self.wte.weight, std=D ** -0.5)  # as in mlm.py: tokens and sin-cos on equal terms
         nn.init.normal_(self.vision.cls_token, std=0.02)
@@ -119,7 +118,6 @@ class VLM(nn.Module):
 
     def load_vision(self, path):
         """Copy the encoder of an MAE checkpoint written by `train.py mae` into the vision tower."""
-        from train import load_checkpoint
         weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
                    if k.startswith("encoder.")}
         own = self.vision.state_dict()
@@ -127,7 +125,8 @@ class VLM(nn.Module):
             if k not in weights or weights[k].shape != v.shape:
                 got = tuple(weights[k].shape) if k in weights else "nothing"
                 raise UserError(f"--init_vision={path}: encoder.{k} is {got} there, {tuple(v.shape)} here; "
-                                f"match img_size, patch_size and vision_n_layer/n_head/n_embd to the MAE's")
+                                f"match img_size, patch_size and vision_n_layer/n_head/n_embd to the "
+                                f"MAE's")
         self.vision.load_state_dict(weights)
 
     def image_tokens(self, images):
@@ -155,7 +154,7 @@ class VLM(nn.Module):
 
     def sequence(self, images, prompt, answer, image_index=None):
         """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix.
-        image_index (B,): which image each text row reads, when several rows share one (seen once by the ViT)."""
+        image_index (B,): which image each text row reads, when rows share one (the ViT sees it once)."""
         img = self.image_tokens(images)  # (N, L', D)
         if image_index is not None:
             img = img[image_index]  # (B, L', D)
@@ -173,22 +172,28 @@ class VLM(nn.Module):
         x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         return self.run(x, prefix_lm_mask(key_valid, n_prefix))
 
+    def answer_logits(self, images, prompt, answer, image_index=None):
+        """The prefix-LM's predictions of the answer: position t predicts answer token t -> (B, A, V)."""
+        return answer_positions(self.logits(images, prompt, answer, image_index), answer.shape[1])
+
+    def fill(self, images, prompt, answer, image_index=None):
+        """The mlm objective's predictions at every answer position, everything attending to
+        everything (ViLT) -> (B, A, V)."""
+        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
+        return self.run(x, key_valid[:, None, None, :])[:, n_prefix:]
+
     def forward(self, batch):
-        images, prompt, answer, index = batch["images"], batch["prompt"], batch["answer"], batch["image_index"]
-        if self.cfg.objective == "mlm":  # ViLT: masked caption words beside the image, all bidirectional
-            answer, labels = mask_tokens(answer, self.tok.mask_id, self.tok.vocab_size - len(self.tok.special),
-                                         self.special_ids, self.cfg.mask_prob)
-            x, key_valid, n_prefix = self.sequence(images, prompt, answer, index)
-            logits = self.run(x, key_valid[:, None, None, :])[:, n_prefix:]  # (B, A, V)
+        images, prompt, answer, index = (batch[k] for k in ("images", "prompt", "answer", "image_index"))
+        if self.cfg.objective == "mlm":  # ViLT: masked caption words beside the image
+            n_regular = self.tok.vocab_size - len(self.tok.special)
+            answer, labels = mask_tokens(answer, self.tok.mask_id, n_regular, self.special_ids,
+                                         self.cfg.mask_prob)
+            logits = self.fill(images, prompt, answer, index)  # (B, A, V)
         else:  # the position before each answer token predicts it; image and prompt are never targets
-            logits = self.logits(images, prompt, answer, index)[:, -answer.shape[1] - 1:-1]  # (B, A, V)
+            logits = self.answer_logits(images, prompt, answer, index)  # (B, A, V)
             labels = answer.masked_fill(answer == self.tok.pad_id, -100)
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                             reduction="none").view(labels.shape)  # (B, A), 0 where not a target
-        sel = labels != -100
-        loss = ce.sum() / sel.sum().clamp(min=1)
-        acc = ((logits.argmax(-1) == labels) & sel).sum() / sel.sum().clamp(min=1)
-        return loss, {"acc": acc.detach()}
+        _, loss, acc = masked_loss(logits, labels)
+        return loss, {"acc": acc}
 
     def texts(self, out):
         """Generated ids (B, T) -> B strings, end-of-text and padding dropped."""
@@ -206,8 +211,8 @@ class VLM(nn.Module):
         x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         caches = [{} for _ in self.blocks]
         logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches)
-        state = {"caches": caches, "key_valid": key_valid,
-                 "pos": (prompt != self.tok.pad_id).sum(1, keepdim=True) + answer.shape[1]}  # (B, 1): next text position
+        pos = (prompt != self.tok.pad_id).sum(1, keepdim=True) + answer.shape[1]  # (B, 1): next text position
+        state = {"caches": caches, "key_valid": key_valid, "pos": pos}
         return logits[:, -1], state
 
     def step(self, state, token):
@@ -215,18 +220,29 @@ class VLM(nn.Module):
         if state["pos"].max() >= MAX_TEXT:
             raise UserError(f"generation reached {MAX_TEXT} text tokens, the most this model reads")
         x = self.embed(token[:, None], state["pos"])  # (B, 1, D)
-        state["key_valid"] = torch.cat([state["key_valid"], torch.ones_like(token[:, None], dtype=torch.bool)], 1)
+        new = torch.ones_like(token[:, None], dtype=torch.bool)  # (B, 1)
+        state["key_valid"] = torch.cat([state["key_valid"], new], 1)  # (B, S+1)
         state["pos"] = state["pos"] + 1
         return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
 
 
 def cat_states(a, b):
     """Two generation states at the same position -> one, rows of a then rows of b."""
-    return {"caches": [{k: torch.cat([ca[k], cb[k]]) for k in ca} for ca, cb in zip(a["caches"], b["caches"])],
-            "key_valid": torch.cat([a["key_valid"], b["key_valid"]]), "pos": torch.cat([a["pos"], b["pos"]])}
+    caches = []
+    for cache_a, cache_b in zip(a["caches"], b["caches"]):  # one per layer: keys and values
+        caches.append({k: torch.cat([cache_a[k], cache_b[k]]) for k in cache_a})
+    return {"caches": caches, "key_valid": torch.cat([a["key_valid"], b["key_valid"]]),
+            "pos": torch.cat([a["pos"], b["pos"]])}
 
 
 Model = VLM
+Data = ShapesPairs  # the shapes world's images with captions and questions (data/pairs.py)
+
+
+def answer_positions(x, A):
+    """(B, S, ...) over [image, prompt, answer] -> (B, A, ...): the positions that predict the A answer
+    tokens, each the one before its token."""
+    return x[:, -A - 1:-1]
 
 
 def prefix_lm_mask(key_valid, n_prefix):
@@ -247,7 +263,10 @@ def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0,
     eot, pad = model.tok.eot_id, model.tok.pad_id
     out = torch.full((B, 0), pad, dtype=torch.long, device=images.device)
     done = torch.zeros(B, dtype=torch.bool, device=images.device)
-    logits, state = model.start(images, prompt) if use_cache else (model.logits(images, prompt, out)[:, -1], None)
+    if use_cache:
+        logits, state = model.start(images, prompt)
+    else:
+        logits = model.logits(images, prompt, out)[:, -1]
     for _ in range(max_new_tokens):
         if temperature > 0:
             token = torch.multinomial(F.softmax(filter_logits(logits, temperature, top_k), -1), 1)[:, 0]
@@ -262,101 +281,11 @@ def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0,
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: scenes of the shapes world with a caption or a question each
-
-class Data:
-    """Images from the shapes world's cached splits; text made from each scene's metadata. A batch
-    is a pure function of its position, so the loop's resume and DDP need no sampler state."""
-    unit = "tokens"
-
-    def __init__(self, cfg, seed=0, verbose=True):
-        from data.shapes import ShapesSplit, World
-        self.cfg, self.seed = cfg, seed
-        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew)
-        self.tok = load_tokenizer(verbose)
-        self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
-                       for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
-
-    def encode(self, texts, left_pad):
-        """Texts -> (B, T) ids padded to the longest (prompts on the left, answers on the right)."""
-        ids = [self.tok.encode(" " + t) for t in texts]  # words keep their leading space, as in the corpus
-        T = max(len(x) for x in ids)
-        rows = [[self.tok.pad_id] * (T - len(x)) + x if left_pad else x + [self.tok.pad_id] * (T - len(x))
-                for x in ids]
-        return torch.tensor(rows, dtype=torch.long)
-
-    def examples(self, split, idx, rng):
-        """-> (rows, [(prompt, answer)]): each scene's caption, then texts_per_image - 1 questions
-        about it (different kinds while they last); the mlm objective reads captions only."""
-        from data.shapes import SHAPES, caption, questions
-        rows, pairs = [], []
-        k = 1 if self.cfg.objective == "mlm" else self.cfg.texts_per_image
-        for i in idx:
-            objs = self.shapes[split].scene(i)
-            present = set(objs[:, 0].tolist())
-            # a third of the questions ask which shapes there are (all six presence decisions in one
-            # answer, in a fixed order), a third "is there a ...?" about a present or an absent shape
-            # alike, a third one of the world's other questions
-            qa = questions(self.world, split, int(i), objs)
-            absent = [s for s in range(len(SHAPES)) if s not in present] or sorted(present)
-            s = int(rng.choice(sorted(present) if rng.random() < 0.5 else absent))
-            names = [SHAPES[t] for t in sorted(present)]
-            qs = [(SHAPES_PROMPT, names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]),
-                  (f"is there a {SHAPES[s]}?", "yes" if s in present else "no"),
-                  qa[int(rng.integers(1, len(qa)))][1:]]
-            qs = [qs[j] for j in rng.permutation(3)]
-            pairs += ([(CAPTION_PROMPT, caption(objs))] + qs * k)[:k]
-            rows += [i] * k
-        return np.array(rows), pairs
-
-    def make_batch(self, split, rows, pairs, device):
-        """Scene numbers (one a text row, repeats allowed) and their (prompt, answer) texts -> a batch;
-        each scene's image is read and encoded once."""
-        eot = self.tok.eot_id
-        prompt = self.encode([p for p, _ in pairs], left_pad=True)
-        answer = self.encode([a for _, a in pairs], left_pad=False)
-        ends = (answer != self.tok.pad_id).sum(1)  # end-of-text after each answer
-        answer = torch.cat([answer, torch.full((len(pairs), 1), self.tok.pad_id)], dim=1)
-        answer[torch.arange(len(pairs)), ends] = eot
-        scenes, image_index = np.unique(rows, return_inverse=True)  # sorted: memmap reads in order
-        return {"images": to_tensor(self.shapes[split].images[scenes], device), "prompt": prompt.to(device),
-                "answer": answer.to(device), "image_index": torch.from_numpy(image_index.reshape(-1)).to(device)}
-
-    def batch(self, split, pos, batch_size, device):
-        n = len(self.shapes[split])
-        if split == "train" and self.cfg.n_captioned:
-            n = self.cfg.n_captioned
-        idx = stream_indices(n, self.seed + (split != "train"), pos * batch_size, batch_size)
-        rng = np.random.default_rng([self.seed, split != "train", pos])
-        return self.make_batch(split, *self.examples(split, idx, rng), device)
-
-    def items(self, batch):
-        return batch["prompt"].shape[0] * self.image_len() + int((batch["prompt"] != self.tok.pad_id).sum()) + \
-            int((batch["answer"] != self.tok.pad_id).sum())
-
-    def image_len(self):
-        return 1 + (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
-
-
-def row_images(batch):
-    """A batch's images repeated per text row, for calls that take one image a row (generation)."""
-    return batch["images"][batch["image_index"]]
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
-
-def blank_like(images):
-    """The world's empty canvas: every pixel the background colour, as the model's input."""
-    from data.shapes import BACKGROUND
-    return (torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-            .div(127.5).sub(1).expand_as(images).contiguous())
-
 
 @torch.no_grad()
 def answer_questions(model, data, split, device, batch_size=256):
     """Every question of the split's held-out scenes, answered greedily -> {kind: accuracy}."""
-    from data.shapes import questions
     items = [(i, kind, q, a) for i in range(len(data.shapes[split]))
              for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))]
     right, total = {}, {}
@@ -375,7 +304,7 @@ def answer_questions(model, data, split, device, batch_size=256):
 @torch.no_grad()
 def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40):
     """Greedy captions of the split's held-out scenes -> object precision, recall, F1, exact match."""
-    from data.shapes import caption, object_match, parse_caption
+    from data.shapes import object_match, parse_caption
     tp = n_said = n_true = exact = 0
     n = len(data.shapes[split])
     for k in range(0, n, batch_size):
@@ -387,7 +316,7 @@ def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40
             t, s, g = object_match(parse_caption(text), objs)
             tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
     p, r = tp / max(1, n_said), tp / max(1, n_true)
-    return {"precision": p, "recall": r, "f1": 2 * p * r / max(1e-9, p + r), "exact": exact / n}
+    return {"precision": p, "recall": r, "f1": f1(p, r), "exact": exact / n}
 
 
 @torch.no_grad()
@@ -395,26 +324,23 @@ def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
     """Accuracy on the caption's attribute words (shapes, colours, sizes): teacher-forced for the
     prefix-LM, BERT-masked for the mlm objective. blank=True shows the empty canvas instead: what
     the language prior alone gets right."""
-    from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption
-    words = {*SHAPES, *COLOUR_NAMES, *SIZES}
-    is_attr = torch.tensor([model.tok.token_str(i).strip() in words for i in range(model.tok.vocab_size)],
-                           device=device)
+    from data.shapes import COLOUR_NAMES, SIZES
+    is_attr = word_mask(model.tok, {*SHAPES, *COLOUR_NAMES, *SIZES}, device)
     right = total = 0
     n = len(data.shapes[split])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for k in range(0, n, batch_size):
             idx = np.arange(k, min(n, k + batch_size))
-            b = data.make_batch(split, idx, [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx],
-                                device)
+            pairs = [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx]
+            b = data.make_batch(split, idx, pairs, device)
             images = blank_like(b["images"]) if blank else b["images"]
-            answer = b["answer"]
+            prompt, answer = b["prompt"], b["answer"]
             if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
                 inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
-                x, key_valid, n_prefix = model.sequence(images, b["prompt"], inputs, b["image_index"])
-                pred = model.run(x, key_valid[:, None, None, :])[:, n_prefix:].argmax(-1)
+                pred = model.fill(images, prompt, inputs, b["image_index"]).argmax(-1)
             else:
-                pred = model.logits(images, b["prompt"], answer, b["image_index"])[:, -answer.shape[1] - 1:-1].argmax(-1)
+                pred = model.answer_logits(images, prompt, answer, b["image_index"]).argmax(-1)
             sel = is_attr[answer]
             right += ((pred == answer) & sel).sum().item()
             total += sel.sum().item()
@@ -428,8 +354,10 @@ def evaluate(model, data, device):
     out = {}
     for split in ("val", "ood"):
         if model.cfg.objective == "prefix":
-            out.update({f"{split}_q_{k}": v for k, v in answer_questions(model, data, split, device).items()})
-            out.update({f"{split}_caption_{k}": v for k, v in caption_scores(model, data, split, device).items()})
+            for k, v in answer_questions(model, data, split, device).items():
+                out[f"{split}_q_{k}"] = v
+            for k, v in caption_scores(model, data, split, device).items():
+                out[f"{split}_caption_{k}"] = v
         out[f"{split}_attr_acc_image"] = attribute_accuracy(model, data, split, device)
         out[f"{split}_attr_acc_blank"] = attribute_accuracy(model, data, split, device, blank=True)
     model.train()
@@ -438,11 +366,29 @@ def evaluate(model, data, device):
 
 def plot_runs(out_dirs, path):
     """Val-loss curves of several `train.py vlm` runs in one PNG (the MAE-initialisation comparison)."""
-    from train import load_checkpoint, plot_losses
-    plot_losses({d.rstrip("/").split("/")[-1]: load_checkpoint(f"{d}/ckpt.pt", "vlm")["history"]["val"]
-                 for d in out_dirs}, path)
+    curves = {Path(d).name: load_checkpoint(Path(d) / "ckpt.pt", "vlm")["history"]["val"] for d in out_dirs}
+    plot_losses(curves, path)
 
 
-if __name__ == "__main__":  # python vlm.py OUT_DIR [OUT_DIR ...] PNG: val curves side by side
-    from config import cli
-    cli(lambda argv: plot_runs(argv[:-1], argv[-1]) if len(argv) >= 2 else print("usage: python vlm.py OUT_DIR... PNG"))
+def main(argv):
+    """python vlm.py RUN_DIR [RUN_DIR ...] PNG: the runs' val curves side by side."""
+    if not argv or "-h" in argv or "--help" in argv:
+        return usage("usage: python vlm.py RUN_DIR [RUN_DIR ...] OUT.png   (the runs' val-loss curves)", argv)
+    if len(argv) < 2:
+        raise UserError("give the run folders and then the .png to draw their curves into")
+    *runs, png = argv
+    if Path(png).suffix.lower() != ".png":
+        raise UserError(f"the last argument, {png}, names the picture to write: give it a .png name")
+    if not Path(png).parent.is_dir():
+        raise UserError(f"cannot write {png}: there is no folder {Path(png).parent}")
+    check_writable(Path(png).parent)
+    for run in runs:
+        load_checkpoint(Path(run) / "ckpt.pt", "vlm")  # each one checked before anything is drawn
+    plot_runs(runs, png)
+    print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    from config import cli, usage
+    cli(main)

@@ -5,17 +5,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from common import UserError
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: scripts print it in one line and exit non-zero."""
-
-
-def at_least(cfg, minimum, *keys):
-    """A one-line error for the first of `keys` whose value in the dataclass `cfg` is below `minimum`."""
-    for k in keys:
-        if getattr(cfg, k) < minimum:
-            raise UserError(f"{k}={getattr(cfg, k)} must be at least {minimum}")
+def to_tensor(images, device):
+    """uint8 (N, H, W, 3) array -> float (N, 3, H, W) in [-1, 1] on `device` (bytes travel, not floats)."""
+    x = torch.from_numpy(np.array(images)).to(device, non_blocking=True)  # a copy: memmaps are read-only
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def stream_indices(n, seed, start, count):
@@ -78,7 +76,11 @@ def checked_cache(manifest, build, what, verbose=True):
     if problem and problem != "missing" and verbose:
         print(f"cache {what}: {problem}; rebuilding", flush=True)
     if problem:
-        build()
+        try:
+            build()
+        except PermissionError as e:  # a read-only cache folder
+            raise UserError(f"cannot write the cache {what} in {Path(manifest).parent} "
+                            f"({e.strerror}); make it writable") from None
         problem = cache_problem(manifest)
         if problem:
             raise UserError(f"cache {what} could not be written ({problem}); check free disk space")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from data import UserError
+from common import UserError
 
 # GPT-2's split, spelled with ASCII classes so Python's `re` (training) and tiktoken agree
 PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
@@ -87,8 +87,8 @@ class Tokenizer:
                 try:
                     gpt2 = tiktoken.get_encoding("gpt2")
                 except Exception:
-                    raise UserError("--tokenizer=gpt2 downloads its files and this machine is offline; "
-                                    "use --tokenizer=bpe (trained here, offline) or --tokenizer=char") from None
+                    raise UserError("--tokenizer=gpt2 downloads its files and this machine is offline; use "
+                                    "--tokenizer=bpe (trained here, offline) or --tokenizer=char") from None
                 ranks, pat = gpt2._mergeable_ranks, gpt2._pat_str
             else:
                 pat = PAT

@@ -14,18 +14,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data import UserError, checked_cache, write_manifest
+from common import UserError
+from config import cli, usage
+from data import checked_cache, write_manifest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CACHE_DIR = Path(__file__).parent / "cache"
 
 
+def to_rgb(im):
+    """Any pillow image -> RGB; 16- and 32-bit greyscale is scaled to 8 bits first (pillow's own
+    convert would clip it: most pixels of a 16-bit image would become 255)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else 2.0 ** 32 - 1
+        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def load_image(path, size):
     """One image file -> uint8 (size, size, 3): shorter side resized to `size`, centre-cropped."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             w, h = im.size
             s = size / min(w, h)
             im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -34,7 +46,7 @@ def load_image(path, size):
             return np.asarray(im.crop((left, top, left + size, top + size)))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
 
 
@@ -88,7 +100,8 @@ def read_cifar_tarball(tarball, source):
                         raise UserError(f"{source}: {name} is not a CIFAR-10 batch")
                     batches[name] = batch
     except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError) as e:
-        raise UserError(f"{source} is not a readable cifar-10-python.tar.gz ({e.__class__.__name__}: {e})") from None
+        raise UserError(f"{source} is not a readable cifar-10-python.tar.gz "
+                        f"({e.__class__.__name__}: {e})") from None
     if "test_batch" not in batches:
         raise UserError(f"{source} is not the CIFAR-10 python tarball (no test_batch inside)")
     return batches
@@ -99,6 +112,8 @@ def prepare_cifar10(source=CIFAR10_URL, cache_dir=CACHE_DIR, verbose=True):
 
     -> Path of the folder holding {train,test}_{images,labels}.npy, vouched for by manifest.json.
     """
+    if os.path.isdir(str(source)):
+        raise UserError(f"{source} is a folder; give the cifar-10-python.tar.gz file (or its URL)")
     out = Path(cache_dir) / "cifar10"
     checked_cache(out / "manifest.json", lambda: _build_cifar10(source, out), "cifar10", verbose)
     return out
@@ -124,7 +139,8 @@ def _build_cifar10(source, out):
             data = np.concatenate([np.asarray(batches[n][b"data"], np.uint8) for n in names])
             labels = np.concatenate([batches[n][b"labels"] for n in names]).astype(np.int64)
             if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-                raise UserError(f"{source}: batches hold {data.shape} pixels, not (N, 3072) with one label each")
+                raise UserError(f"{source}: batches hold {data.shape} pixels, "
+                                f"not (N, 3072) with one label each")
             images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
             for arr, what in ((images, "images"), (labels, "labels")):
                 np.save(Path(tmp) / "a.npy", np.ascontiguousarray(arr))
@@ -143,7 +159,8 @@ def cifar10_splits(source, size):
 
         def resize(path=path, name=name):
             small = np.load(folder / f"{name}_images.npy")
-            big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in small])
+            big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
+                            for im in small])
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, big)
             os.replace(tmp, path)
@@ -154,9 +171,14 @@ def cifar10_splits(source, size):
     return out
 
 
-if __name__ == "__main__":  # python -m data.images [cifar-10-python.tar.gz | URL]
-    import sys
-    try:
-        print(f"CIFAR-10 ready in {prepare_cifar10(*sys.argv[1:2])}")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+def main(argv):
+    """python -m data.images [cifar-10-python.tar.gz | URL]: prepare CIFAR-10 ahead of training."""
+    if len(argv) > 1 or "-h" in argv or "--help" in argv:
+        return usage("usage: python -m data.images [cifar-10-python.tar.gz | URL]   (prepares CIFAR-10)",
+                     argv)
+    print(f"CIFAR-10 ready in {prepare_cifar10(*argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

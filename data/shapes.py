@@ -129,20 +129,33 @@ def describe(obj):
     return f"{SIZES[size]} {COLOUR_NAMES[colour]} {SHAPES[shape]}"
 
 
-def caption(objs):
-    """'a large red circle, a small blue square and a large green triangle' (reading order)."""
-    parts = [f"a {describe(o)}" for o in objs.tolist()]
+def join_words(parts):
+    """['a', 'b', 'c'] -> 'a, b and c'"""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-CAPTION_RE = re.compile(r"\b(?:(small|large) )?(?:(%s) )?(%s)\b" % ("|".join(COLOUR_NAMES), "|".join(SHAPES)))
+def caption(objs):
+    """'a large red circle, a small blue square and a large green triangle' (reading order)."""
+    return join_words([f"a {describe(o)}" for o in objs.tolist()])
+
+
+def exist_question(shape):
+    """POPE's question, in the world's words: shape index -> 'is there a circle?'"""
+    return f"is there a {SHAPES[shape]}?"
+
+
+CAPTION_RE = re.compile(r"\b(?:(small|large) )?(?:(%s) )?(%s)\b" % ("|".join(COLOUR_NAMES),
+                                                                    "|".join(SHAPES)))
 
 
 def parse_caption(text):
     """Caption text -> [(size, colour, shape)] as indices, one per shape word; a size or colour the
     text leaves out is -1. The inverse of caption() on its own output, and lenient with a model's."""
-    return [(SIZES.index(m[1]) if m[1] else -1, COLOUR_NAMES.index(m[2]) if m[2] else -1, SHAPES.index(m[3]))
-            for m in CAPTION_RE.finditer(text.lower())]
+    out = []
+    for size, colour, shape in CAPTION_RE.findall(text.lower()):
+        out.append((SIZES.index(size) if size else -1, COLOUR_NAMES.index(colour) if colour else -1,
+                    SHAPES.index(shape)))
+    return out
 
 
 def object_match(said, objs):
@@ -165,9 +178,9 @@ def questions(world, split, index, objs):
     absent = [s for s in range(len(SHAPES)) if s not in shapes]
     qa = []
     if rng.random() < 0.5 or not absent:
-        qa.append(("exist", f"is there a {SHAPES[int(rng.choice(shapes))]}?", "yes"))
+        qa.append(("exist", exist_question(int(rng.choice(shapes))), "yes"))
     else:
-        qa.append(("exist", f"is there a {SHAPES[int(rng.choice(absent))]}?", "no"))
+        qa.append(("exist", exist_question(int(rng.choice(absent))), "no"))
     unique_shape = [o for o in objs.tolist() if shapes.count(o[0]) == 1]
     if unique_shape:
         o = unique_shape[int(rng.integers(len(unique_shape)))]

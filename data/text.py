@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from data import UserError, checked_cache, file_digest, write_manifest
+from common import UserError
+from data import checked_cache, file_digest, write_manifest
 from data.bpe import Tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -54,7 +56,8 @@ def read_text(source):
         with urllib.request.urlopen(source, timeout=30) as r:
             return r.read().decode("utf-8")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {source} ({e}); offline, pass a local copy with --data_path=FILE") from None
+        raise UserError(f"cannot read {source} ({e}); offline, pass a local copy "
+                        f"with --data_path=FILE") from None
 
 
 def documents(corpus, data_path="", n_scenes=20000):
@@ -90,8 +93,8 @@ def prepare(corpus, tokenizer="bpe", vocab_size=512, data_path="", cache_dir=CAC
     key = json.dumps([source_key(corpus, data_path), tokenizer, vocab_size if tokenizer == "bpe" else 0, 1])
     name = Path(corpus).stem if corpus.endswith(".txt") else corpus
     out = Path(cache_dir) / f"text_{name}_{tokenizer}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    checked_cache(out / "manifest.json", lambda: _build(out, corpus, tokenizer, vocab_size, data_path, verbose),
-                  f"text {out.name}", verbose)
+    build = partial(_build, out, corpus, tokenizer, vocab_size, data_path, verbose)
+    checked_cache(out / "manifest.json", build, f"text {out.name}", verbose)
     return out
 
 
@@ -113,7 +116,8 @@ def _build(out, corpus, tokenizer, vocab_size, data_path, verbose):
         meta[f"{split}_tokens"] = len(ids)
     tok.save(out / "tokenizer.json")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    write_manifest(out / "manifest.json", [out / f for f in ("train.bin", "val.bin", "tokenizer.json", "meta.json")])
+    files = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+    write_manifest(out / "manifest.json", [out / f for f in files])
     if verbose:
         print(f"prepared {out}: {meta}", flush=True)
 

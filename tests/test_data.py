@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import UserError, stream_indices
+from common import UserError
+from data import stream_indices
 from data.images import load_folder, load_image, prepare_cifar10
 from data.shapes import (COLOUR_NAMES, NUMBERS, SHAPES, SIZES, ShapesSplit, World, caption, position_name,
                          questions, render, sample_scene)

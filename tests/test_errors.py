@@ -5,8 +5,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import struct
 import time
 import types
+import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,20 +17,30 @@ import torch
 
 import bench
 import config
+import data.images
+import hallucination
 import mae
 import sample
 import train
+import vlm
+from checkpoints import load_checkpoint, lock_out_dir
 from config import parse_overrides
-from tests.test_train import ROOT, TINY, run
-
-MLM_TINY = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16"]
+from tests.conftest import MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny trained MAE run: the out_dir that no bad input may touch."""
     out = tmp_path_factory.mktemp("trained")
-    run("train.py", "mae", *TINY, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    run("train.py", "mae", *MAE_ARGS, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_vlm(tmp_path_factory):
+    """A tiny trained VLM run (16 val scenes)."""
+    out = tmp_path_factory.mktemp("trained_vlm")
+    run("train.py", "vlm", *VLM_ARGS, "--batch_size=4", "--max_iters=2", "--eval_iters=1", f"--out_dir={out}")
     return out
 
 
@@ -41,10 +54,18 @@ def snapshot(path):
     return {str(p.relative_to(path)): snapshot(p) for p in sorted(path.rglob("*"))}
 
 
-def make_out_dir(kind, trained, tmp_path):
+def make_out_dir(kind, trained, trained_vlm, tmp_path):
     out = tmp_path / "out"
     if kind == "trained":
         shutil.copytree(trained, out)
+    elif kind in ("vlm", "vlm_readonly"):
+        shutil.copytree(trained_vlm, out)
+    elif kind == "readonly":
+        out.mkdir()
+    elif kind == "dangling":
+        out.symlink_to(tmp_path / "nowhere")
+    elif kind == "loop":
+        out.symlink_to(out)
     elif kind == "file":
         out.write_text("I am a file")
     elif kind == "under_file":
@@ -68,14 +89,29 @@ def files(tmp_path):
     (tmp_path / "notar.tar.gz").write_bytes(b"just text")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
     return {k: str(tmp_path / v) for k, v in (("latin1", "latin1.conf"), ("quote", "quote.conf"),
                                               ("binary", "binary.txt"), ("notar", "notar.tar.gz"),
-                                              ("imgs", "imgs"))}
+                                              ("imgs", "imgs"), ("garbage", "notar.tar.gz"),
+                                              ("bomb", "bomb.png"))}
 
 
-SCRIPTS = {"train": train.main, "sample": sample.main, "bench": bench.main}
-T = ["mae", *TINY]  # a valid tiny MAE run, which each row breaks in one way
-M = ["mlm", *MLM_TINY, "--batch_size=4", "--eval_iters=1"]
+def png_header(width, height):
+    """A PNG that claims width x height pixels (a decompression bomb, as far as its header goes)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+SCRIPTS = {"train": train.main, "sample": sample.main, "bench": bench.main,
+           "hallucination": hallucination.main, "vlm": vlm.main, "images": data.images.main}
+TAKES_OUT_DIR = ("train", "sample", "hallucination")
+T = ["mae", *MAE_ARGS]  # a valid tiny MAE run, which each row breaks in one way
+M = ["mlm", *MLM_ARGS, "--batch_size=4", "--eval_iters=1"]
+V = ["vlm", *VLM_ARGS, "--batch_size=4", "--eval_iters=1"]
+CKPTS = ["--ckpt={vlm}/ckpt.pt", "--control_ckpt={vlm}/ckpt.pt", "--n_scenes=8"]  # the study, a tiny VLM
 
 BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "trained", [*T, "--lr=-1"], "lr=-1.0 must be positive"),
@@ -92,7 +128,7 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "trained", [*T, "--n_embd=30", "--n_head=4"], "divisible by n_head"),
     ("train", "trained", [*T, "--mask_ratio=1.5"], "mask_ratio=1.5"),
     ("train", "trained", [*T, "--mask_ratio=0.99"], "no visible patch"),
-    ("train", "trained", [*T, "--masking=diagonal"], "choose from random"),
+    ("train", "trained", [*T, "--masking=diagonal"], "choose random, block or grid"),
     ("train", "trained", [*T, "--max_iters=0"], "max_iters=0 must be at least 1"),
     ("train", "trained", [*T, "--batch_size=-2"], "batch_size=-2 must be at least 1"),
     ("train", "trained", [*T, "--warmup_iters=-1"], "warmup_iters=-1"),
@@ -110,7 +146,8 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "trained", [*T, "--device=mps"], "MPS"),
     ("train", "trained", [*T, "--device=tpu"], "choose auto, cpu"),
     ("train", "trained", T, "already holds ckpt.pt and ckpt_best.pt"),
-    ("train", "trained", ["mae", "--init_from=resume", "--n_embd=64", "--n_head=2"], "n_embd=64 (checkpoint: 32)"),
+    ("train", "trained", ["mae", "--init_from=resume", "--n_embd=64", "--n_head=2"],
+     "n_embd=64 (checkpoint: 32)"),
     ("train", "trained", ["mlm", "--init_from=resume"], "'mae' checkpoint, not 'mlm'"),
     ("train", "empty", ["mae", "--init_from=resume"], "no checkpoint"),
     ("train", "partial", ["mae", "--init_from=resume"], "lacks optimizer"),
@@ -139,27 +176,63 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("bench", "empty", ["mae", "--steps=0"], "steps=0 must be at least 1"),
     ("bench", "empty", ["mae", "--device=mps"], "MPS"),
     ("bench", "empty", ["nope"], "no benchmark for 'nope'"),
+    # found while building data and model, before the start-up banner: the error is all there is
+    ("train", "empty", [*V, "--init_vision={garbage}"], "cannot read checkpoint"),
+    ("train", "empty", [*V, "--vision_n_embd=64", "--init_vision={mae}"],
+     "encoder.cls_token is (1, 1, 32) there"),
+    ("train", "empty", [*V, "--init_vision={vlm}/ckpt.pt"], "'vlm' checkpoint, not 'mae'"),
+    ("train", "empty", [*T, "--dataset=cifar10", "--data_path={imgs}"], "is a folder"),
+    ("train", "dangling", T, "symbolic link to nothing"),
+    ("train", "loop", T, "symbolic link to nothing"),
+    ("train", "readonly", T, "not writable"),
+    ("sample", "vlm", ["vlm", "--n=100"], "--n=100: the val split has 16 scenes"),
+    ("sample", "vlm_readonly", ["vlm", "--n=2"], "not writable"),
+    ("sample", "trained", ["mae", "--image={bomb}"], "cannot read image"),
+    ("hallucination", "dangling", CKPTS, "symbolic link to nothing"),
+    ("hallucination", "file", CKPTS, "is a file, not a folder"),
+    ("hallucination", "readonly", CKPTS, "not writable"),
+    ("hallucination", "empty", [*CKPTS, "--caption_tokens=200"], "caption_tokens=200"),
+    ("hallucination", "empty", [*CKPTS, "--n_scenes=100"],
+     "n_scenes=100: the biased model's val split has 16"),
+    ("vlm", "empty", ["{vlm}", "{vlm}"], "give it a .png name"),
+    ("vlm", "empty", ["{vlm}", "curves.txt"], "give it a .png name"),
+    ("vlm", "empty", ["{vlm}", "/nonexistent/curves.png"], "there is no folder /nonexistent"),
+    ("vlm", "empty", ["{vlm}"], "give the run folders and then"),
+    ("vlm", "empty", ["/nonexistent", "curves.png"], "no checkpoint"),
+    ("images", "empty", ["{imgs}"], "is a folder"),
 ]
 
 
-@pytest.mark.parametrize("script, kind, args, words", BAD, ids=[f"{s}:{' '.join(a[len(T):] if a[:len(T)] == T else a)}"
-                                                                for s, _, a, _ in BAD])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, trained,
+def row_id(script, args):
+    return f"{script}:{' '.join(args[len(T):] if args[:len(T)] == T else args)}"
+
+
+@pytest.mark.parametrize("script, kind, args, words", BAD, ids=[row_id(s, a) for s, _, a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, trained, trained_vlm,
                                                           script, kind, args, words):
-    if "cifar10" in " ".join(args) and (ROOT / "data/cache/cifar10/manifest.json").exists():
-        pytest.skip("a prepared CIFAR-10 cache is used whatever the path")
-    out = make_out_dir(kind, trained, tmp_path)
-    named = files(tmp_path)
-    args = [a.format(**named) for a in args] + ([f"--out_dir={out}"] if script != "bench" else [])
+    out = make_out_dir(kind, trained, trained_vlm, tmp_path)
+    named = {**files(tmp_path), "mae": str(trained / "ckpt.pt"), "vlm": str(trained_vlm)}
+    args = [a.format(**named) for a in args] + ([f"--out_dir={out}"] if script in TAKES_OUT_DIR else [])
     before = snapshot(out)
+    if kind.endswith("readonly"):  # as root, a folder's mode does not stop writing: ask access() instead
+        monkeypatch.setattr(os, "access", partial(access_denied_in, out, os.access))
     monkeypatch.setattr(sys, "argv", [script, *args])
     with pytest.raises(SystemExit) as e:
         config.cli(SCRIPTS[script])
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert words in err, err
+    assert printed.out == "", printed.out  # not even the banner: every check comes before it
     assert snapshot(out) == before
+
+
+def access_denied_in(folder, access, path, mode):
+    """os.access, except that nothing may be written in `folder`."""
+    if Path(path) == folder and mode & os.W_OK:
+        return False
+    return access(path, mode)
 
 
 def tiny_module(on_train_batch):
@@ -179,23 +252,23 @@ def tiny_module(on_train_batch):
 def test_interrupting_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, capsys):
     # the 1st grad-enabled batch is for FLOP counting; the 2nd is the first step, at lr 1e30
     module = tiny_module(lambda n: n == 2 and os.kill(os.getpid(), signal.SIGINT))
-    tc, mc = train.build_configs(module, parse_overrides([*TINY, "--lr=1e30", "--min_lr=0", "--warmup_iters=0",
-                                                          "--max_iters=50", f"--out_dir={tmp_path}"],
-                                                         train.TrainConfig, mae.Config))
+    args = [*MAE_ARGS, "--lr=1e30", "--min_lr=0", "--warmup_iters=0", "--max_iters=50",
+            f"--out_dir={tmp_path}"]
+    tc, mc = train.build_configs(module, parse_overrides(args, train.TrainConfig, mae.Config))
     with pytest.raises(SystemExit) as e:
         train.train("mae", tc, mc, module)
     err = capsys.readouterr().err
     assert e.value.code == 130 and "diverged" in err and "last good checkpoint" in err
-    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
     assert ckpt["iter"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not list(tmp_path.glob("*.tmp"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
-    p = subprocess.Popen([sys.executable, "train.py", "mae", *TINY, "--max_iters=100000", "--log_interval=1",
-                          f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen([sys.executable, "train.py", "mae", *MAE_ARGS, "--max_iters=100000",
+                          "--log_interval=1", f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in p.stdout:
         if line.startswith("iter 3/"):
             p.send_signal(signal.SIGTERM)
@@ -205,19 +278,20 @@ def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
     assert p.wait(timeout=60) == 143, err
     assert "interrupted at iteration" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.tmp"))
-    it = train.load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"]
+    it = load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"]
     assert it >= 3
     p = run("train.py", "mae", "--init_from=resume", f"--max_iters={it + 2}", f"--out_dir={tmp_path}")
     assert f"resumed from {tmp_path / 'ckpt.pt'} at iteration {it}" in p.stdout
-    assert train.load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"] == it + 2
+    assert load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"] == it + 2
 
 
 def test_ctrl_c_during_startup_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "train.py", "mae", "--n_train=40000", "--img_size=32", f"--out_dir={out}"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "train.py", "mae", "--n_train=40000", "--img_size=32",
+                          f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     for line in p.stdout:
-        if line.startswith("device "):  # imports done; now rendering 40,000 scenes
+        if line.startswith("rendering shapes/train"):  # rendering 40,000 scenes: stop it halfway
             time.sleep(0.5)
             p.send_signal(signal.SIGINT)
             break
@@ -228,12 +302,12 @@ def test_ctrl_c_during_startup_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
-    lock = train.lock_out_dir(tmp_path)  # as a running train.py holds it
+    lock = lock_out_dir(tmp_path, fresh=True)  # as a running train.py holds it
     try:
-        p = run("train.py", "mae", *TINY, "--max_iters=2", f"--out_dir={tmp_path}", check=False)
+        p = run("train.py", "mae", *MAE_ARGS, "--max_iters=2", f"--out_dir={tmp_path}", check=False)
         assert p.returncode == 2 and "another run is training" in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
     finally:
         os.close(lock)
-    run("train.py", "mae", *TINY, "--max_iters=2", f"--out_dir={tmp_path}")  # free again: it runs
+    run("train.py", "mae", *MAE_ARGS, "--max_iters=2", f"--out_dir={tmp_path}")  # free again: it runs
     assert (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob("*.tmp"))

@@ -5,53 +5,56 @@ import numpy as np
 import pytest
 import torch
 
+import decoding as D
 import hallucination as H
+import measures as M
 import vlm
 from data.shapes import PARTNER, SHAPES
-from tests.test_vlm import TINY
+from tests.conftest import VLM_TINY
 
 
 def test_contrastive_logits_by_hand():
     logits = torch.tensor([[2.0, 1.0, -1.0, 2.0 + math.log(0.1) - 1e-3]])
     cd = torch.tensor([[3.0, 0.0, -5.0, 0.0]])
-    out = H.contrastive_logits(logits, cd, alpha=1.0, beta=0.1)
+    out = D.contrastive_logits(logits, cd, alpha=1.0, beta=0.1)
     # (1+a)*l - a*l_cd on tokens with p >= 0.1 max p; the last one is just below the cut
     assert torch.equal(out, torch.tensor([[1.0, 2.0, float("-inf"), float("-inf")]]))
     torch.manual_seed(0)
     logits, cd = torch.randn(50, 30) * 3, torch.randn(50, 30) * 3
-    assert torch.equal(H.contrastive_logits(logits, cd, alpha=0.0), H.plausibility_cut(logits, 0.1))
+    assert torch.equal(D.contrastive_logits(logits, cd, alpha=0.0), D.plausibility_cut(logits, 0.1))
     for alpha in (0.5, 1.0, 5.0):
-        assert torch.equal(H.contrastive_logits(logits, cd, alpha, beta=1.0).argmax(-1), logits.argmax(-1))
+        assert torch.equal(D.contrastive_logits(logits, cd, alpha, beta=1.0).argmax(-1), logits.argmax(-1))
 
 
 def test_noise_coefficients_at_500():
-    a, s = H.noise_coefficients(500)
+    a, s = D.noise_coefficients(500)
     assert round(a, 3) == 0.863 and round(s, 3) == 0.505 and abs(a * a + s * s - 1) < 1e-9
 
 
 def test_pope_metrics_and_strict_parser():
     labels = ["yes", "yes", "yes", "no", "no", "no"]
     answers = ["yes", "yes", None, "yes", "no", "no"]
-    m = H.pope_metrics(labels, answers)
+    m = M.pope_metrics(labels, answers)
     assert m["accuracy"] == 4 / 6 and m["precision"] == 2 / 3 and m["recall"] == 2 / 3
     assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == 3 / 6 and m["unparsable"] == 1
-    assert H.parse_yes_no("Yes.") == "yes" and H.parse_yes_no("no, there is not") == "no"
-    assert H.parse_yes_no("a square") is None and H.parse_yes_no("") is None and H.parse_yes_no("yesterday") is None
+    assert M.parse_yes_no("Yes.") == "yes" and M.parse_yes_no("no, there is not") == "no"
+    assert M.parse_yes_no("a square") is None and M.parse_yes_no("") is None
+    assert M.parse_yes_no("yesterday") is None
 
 
 def test_chair_by_hand():
     scenes = [np.array([[0, 0, 1, 0], [1, 2, 0, 4]]), np.array([[2, 1, 1, 3]])]  # circle+square; triangle
     caps = ["a large red circle, a small blue square and a small green star", "a small red triangle"]
-    c = H.chair(caps, scenes)
+    c = M.chair(caps, scenes)
     assert c["chair_i"] == 1 / 4 and c["chair_s"] == 1 / 2 and c["recall"] == 3 / 3
-    c = H.chair(["a circle and a circle", "nothing"], scenes)
+    c = M.chair(["a circle and a circle", "nothing"], scenes)
     assert c["chair_i"] == 1 / 2 and c["chair_s"] == 1 / 2 and c["recall"] == 1 / 3
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = vlm.Config(**{**TINY, "n_train": 400, "n_eval": 60, "cooccur": 0.9})
+    cfg = vlm.Config(**{**VLM_TINY, "n_train": 400, "n_eval": 60, "cooccur": 0.9})
     data = vlm.Data(cfg, seed=0, verbose=False)
     model = vlm.VLM(cfg, data.tok).eval()
     with torch.no_grad():
@@ -61,18 +64,18 @@ def tiny():
 
 def test_pope_questions_are_balanced_absent_and_adversarial(tiny):
     _, data = tiny
-    freq, cooc = H.shape_stats(data)
+    freq, cooc = M.shape_stats(data.shapes["train"])
     assert cooc[0, PARTNER[0]] > 0.6 and cooc[0, PARTNER[0]] > 2 * cooc[0, 3]  # the partner bias is learnable
-    for split in H.POPE_SPLITS:
-        qs = H.pope_questions(data, split, 50, 0, freq, cooc)
+    for split in M.POPE_SPLITS:
+        qs = M.pope_questions(data.shapes["val"], split, 50, 0, freq, cooc)
         assert len(qs) >= 90 and sum(l == "yes" for _, _, l in qs) * 2 == len(qs)
         for scene, shape, label in qs:
             present = set(data.shapes["val"].scene(scene)[:, 0].tolist())
             assert (shape in present) == (label == "yes")
             absent = [s for s in range(len(SHAPES)) if s not in present]
             if label == "no" and split == "adversarial":
-                score = lambda s: max(cooc[p, s] for p in present)  # noqa: E731
-                assert score(shape) == max(score(s) for s in absent)
+                partner_score = {s: max(cooc[p, s] for p in present) for s in absent}  # by hand
+                assert partner_score[shape] == max(partner_score.values())
             if label == "no" and split == "popular":
                 assert freq[shape] == max(freq[s] for s in absent)
 
@@ -81,26 +84,30 @@ def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
     model, data = tiny
     model = copy.deepcopy(model)
     with torch.no_grad():
-        model.ln_f.weight.mul_(5)  # peaked logits: the cut keeps one token in some rows and steps, several in others
+        model.ln_f.weight.mul_(5)  # peaked: the cut keeps one token in some rows and steps, more in others
     sc = H.StudyConfig()
-    prompts = [(vlm.CAPTION_PROMPT, ""), ("which shapes are there?", "")] + [(f"is there a {s}?", "") for s in SHAPES]
+    prompts = [(vlm.CAPTION_PROMPT, ""), ("which shapes are there?", "")]
+    prompts += [(f"is there a {s}?", "") for s in SHAPES]
     b = data.make_batch("val", np.arange(8), prompts, "cpu")
     images = vlm.row_images(b)
     for name in ("VCD (greedy)", "RITUAL (sampling)", "no-image contrast (sampling)"):
-        m = H.methods(sc)[name]
-        gated, _, _ = H.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3))
-        full, _, n_full = H.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3), gate=False)
-        # rows the second branch reads within 1, 5 and 10 tokens: rows join late, one at a time, and some never
-        n = [H.decode(model, images, b["prompt"], m, sc, t, torch.Generator().manual_seed(3))[2] for t in (1, 5, 10)]
+        m = D.METHODS[name]
+        gated, _, _ = D.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3))
+        full, _, n_full = D.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3),
+                                   gate=False)
+        # rows the second branch reads within 1, 5 and 10 tokens: rows join late, one at a time, some never
+        n = [D.decode(model, images, b["prompt"], m, sc, t, torch.Generator().manual_seed(3))[2]
+             for t in (1, 5, 10)]
         assert n_full == 8 and n[0] < n[1] < n[2] < 8, (name, n)
         # the reference: each branch as its own pass over every row, the same random draws, no gate
         gen = torch.Generator().manual_seed(3)
-        images2, index = H.second_branch(images, m.second, sc, gen)(torch.arange(8))
+        draws = D.branch_draws(8, m.second, gen)
+        images2, index = D.second_images(images, torch.arange(8), m.second, draws, sc)
         states = [model.start(images, b["prompt"]), model.start(images2, b["prompt"], image_index=index)]
         logits, states = [s[0] for s in states], [s[1] for s in states]
         out = []
         for _ in range(gated.shape[1]):
-            scores = m.mix(*logits).masked_fill(~H.plausible(logits[0], sc.beta), float("-inf"))
+            scores = D.mix(m, *logits, sc).masked_fill(~D.plausible(logits[0], sc.beta), float("-inf"))
             if m.sample:
                 u = torch.rand(scores.shape, generator=gen)
                 token = (scores.log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import mae
-from data import UserError
+from common import UserError
+from tests.conftest import MAE_TINY
 from mae import MAE, Config, get_2d_sincos_pos_embed, patchify, random_masking, unpatchify
 
-TINY = dict(img_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32,
-            decoder_n_layer=1, decoder_n_head=2, decoder_n_embd=32)
 
 
 def test_patchify_golden_index_and_round_trip():
@@ -52,7 +51,7 @@ def test_other_maskings_keep_exact_count(noise_fn):
 
 
 def test_norm_pix_loss_by_hand():
-    model = MAE(Config(**TINY))
+    model = MAE(Config(**MAE_TINY))
     imgs = torch.randn(1, 3, 32, 32)
     pred = torch.zeros(1, 16, 192)
     mask = torch.zeros(1, 16)
@@ -67,7 +66,8 @@ def test_norm_pix_loss_by_hand():
     loss = model.forward_loss(imgs, pred, mask)
     assert loss.item() == pytest.approx(sum(expect) / 2, rel=1e-5)
     model.cfg.norm_pix_loss = False  # plain MSE on masked patches
-    assert model.forward_loss(imgs, pred, mask).item() == pytest.approx((t[[2, 5]] ** 2).mean().item(), rel=1e-5)
+    expected = (t[[2, 5]] ** 2).mean().item()
+    assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_sincos_golden_values():
@@ -82,7 +82,7 @@ def test_sincos_golden_values():
 
 
 def test_encoder_without_masking_returns_every_patch_in_order():
-    model = MAE(Config(**TINY)).eval()
+    model = MAE(Config(**MAE_TINY)).eval()
     imgs = torch.randn(2, 3, 32, 32)
     latent, mask, ids_restore = model.encoder(imgs, 0.0)
     assert latent.shape == (2, 17, 32) and mask.sum() == 0
@@ -93,7 +93,7 @@ def test_encoder_without_masking_returns_every_patch_in_order():
 
 
 def test_init_follows_the_paper():
-    model = MAE(Config(**TINY))
+    model = MAE(Config(**MAE_TINY))
     w = model.encoder.patch_embed.weight
     bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # xavier_uniform
@@ -103,7 +103,7 @@ def test_init_follows_the_paper():
 
 def test_tiny_mae_overfits_one_batch():
     torch.manual_seed(0)
-    model = MAE(Config(**{**TINY, "n_embd": 64, "decoder_n_embd": 64}))
+    model = MAE(Config(**{**MAE_TINY, "n_embd": 64, "decoder_n_embd": 64}))
     imgs = torch.rand(4, 3, 32, 32) * 2 - 1
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(200):

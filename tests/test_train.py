@@ -2,29 +2,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import mae
-from data import UserError
+from checkpoints import load_checkpoint
+from common import UserError
 from config import parse_overrides
-from train import TrainConfig, build_configs, load_checkpoint
+from tests.conftest import MAE_ARGS, ROOT, run
+from train import TrainConfig, build_configs
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--decoder_n_layer=1", "--decoder_n_embd=32",
-        "--decoder_n_head=2", "--img_size=32", "--n_train=256", "--n_val=64", "--batch_size=8",
-        "--eval_iters=2", "--warmup_iters=2"]
-
-
-def run(*args, check=True, env=None):
-    """Run a script of the repo in a fresh process; -> CompletedProcess with text output."""
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and p.returncode:
-        raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
 
 
 def test_overrides_are_typed():
@@ -44,7 +32,8 @@ def test_overrides_are_typed():
 def test_config_file_is_parsed_not_executed(tmp_path):
     f = tmp_path / "c.conf"
     f.write_text("# a comment\nlr = 3e-4   # inline\nout_dir = 'runs/x'\n\ncompile = false\n")
-    assert parse_overrides([str(f), "--lr=1e-3"], TrainConfig) == {"lr": 1e-3, "out_dir": "runs/x", "compile": False}
+    overrides = parse_overrides([str(f), "--lr=1e-3"], TrainConfig)
+    assert overrides == {"lr": 1e-3, "out_dir": "runs/x", "compile": False}
     f.write_text("import os\n")
     with pytest.raises(UserError, match="key = value"):
         parse_overrides([str(f)], TrainConfig)
@@ -61,7 +50,8 @@ def test_gpu_config_runs_two_tiny_iterations_on_cpu(tmp_path, idea, tiny):
     import mlm
     import vlm
     module = {"mae": mae, "mlm": mlm, "vlm": vlm}[idea]
-    tc, mc = build_configs(module, parse_overrides([str(ROOT / f"config/{idea}_gpu.conf")], TrainConfig, module.Config))
+    overrides = parse_overrides([str(ROOT / f"config/{idea}_gpu.conf")], TrainConfig, module.Config)
+    tc, mc = build_configs(module, overrides)
     assert tc.compile and tc.batch_size >= 256 and mc.n_embd >= 384
     run("train.py", idea, f"config/{idea}_gpu.conf", "--device=cpu", "--compile=false", "--max_iters=2",
         "--batch_size=2", "--eval_iters=1", *tiny, f"--out_dir={tmp_path}")
@@ -69,7 +59,7 @@ def test_gpu_config_runs_two_tiny_iterations_on_cpu(tmp_path, idea, tiny):
 
 
 def test_train_end_to_end_then_sample(tmp_path):
-    p = run("train.py", "mae", *TINY, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
+    p = run("train.py", "mae", *MAE_ARGS, "--max_iters=6", "--eval_interval=3", "--log_interval=2",
             f"--out_dir={tmp_path}")
     assert "iter 6/6" in p.stdout and "images/s" in p.stdout and "MFU" in p.stdout and "ETA" in p.stdout
     for f in ("ckpt.pt", "ckpt_best.pt", "loss.png", "metrics.json"):
@@ -78,13 +68,14 @@ def test_train_end_to_end_then_sample(tmp_path):
     assert ckpt["iter"] == 6 and ckpt["config"]["train"]["max_iters"] == 6
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"probe_shape_mae", "probe_shape_random_init", "probe_shape_pixels", "best_constant_loss"} <= set(metrics)
+    probes = {"probe_shape_mae", "probe_shape_random_init", "probe_shape_pixels", "best_constant_loss"}
+    assert probes <= set(metrics)
     p = run("sample.py", "mae", f"--out_dir={tmp_path}", "--n=3")
     assert p.stdout.count("masked-patch loss") == 4 and (tmp_path / "sample_mae.png").exists()
 
 
 def test_resume_gives_identical_losses(tmp_path):
-    common = [*TINY, "--log_interval=1", "--eval_interval=3", "--lr_decay_iters=8"]
+    common = [*MAE_ARGS, "--log_interval=1", "--eval_interval=3", "--lr_decay_iters=8"]
     run("train.py", "mae", *common, "--max_iters=8", f"--out_dir={tmp_path / 'once'}")
     run("train.py", "mae", *common, "--max_iters=4", f"--out_dir={tmp_path / 'twice'}")
     run("train.py", "mae", "--init_from=resume", "--max_iters=8", f"--out_dir={tmp_path / 'twice'}")
@@ -98,9 +89,11 @@ def test_resume_gives_identical_losses(tmp_path):
 
 def test_ddp_two_cpu_processes(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "mae", *TINY, "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+                        "train.py", "mae", *MAE_ARGS, "--max_iters=4", "--eval_interval=2",
+                        "--log_interval=2",
                         "--device=cpu", f"--out_dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "world size 2" in p.stdout and p.stdout.count("iter 4/4") == 1  # logging on rank 0 only
     ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
@@ -123,7 +116,8 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    p = run("train.py", "mae", *TINY, "--lr=1e30", "--warmup_iters=0", "--max_iters=50", f"--out_dir={tmp_path}",
+    p = run("train.py", "mae", *MAE_ARGS, "--lr=1e30", "--warmup_iters=0", "--max_iters=50",
+            f"--out_dir={tmp_path}",
             check=False)
     assert p.returncode != 0 and "loss is nan" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     ckpt = load_checkpoint(tmp_path / "ckpt.pt", "mae")
@@ -151,7 +145,8 @@ def test_every_script_has_help():
 
 
 def test_train_mlm_then_sample(tmp_path):
-    p = run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
+    p = run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32",
+            "--n_head=2",
             "--block_size=32", "--batch_size=8", "--max_iters=4", "--eval_iters=2", "--log_interval=2",
             f"--out_dir={tmp_path}")
     assert "tokens/s" in p.stdout and "acc" in p.stdout

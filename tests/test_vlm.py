@@ -5,19 +5,16 @@ import pytest
 import torch
 
 import vlm
-from data import UserError
+from checkpoints import load_checkpoint
+from common import UserError
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
-from tests.test_train import run
-
-TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
-            vision_n_embd=32, n_layer=2, n_head=2, n_embd=32)
-TINY_ARGS = [f"--{k}={v}" for k, v in TINY.items()]
+from tests.conftest import VLM_ARGS, VLM_TINY, run
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = vlm.Config(**TINY)
+    cfg = vlm.Config(**VLM_TINY)
     data = vlm.Data(cfg, seed=0, verbose=False)
     return vlm.VLM(cfg, data.tok).eval(), data
 
@@ -37,7 +34,8 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
     c = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
     assert torch.equal(a, c)
     # a row alone gets the same answer as in the padded batch
-    alone = vlm.generate(model, vlm.row_images(b)[2:3], b["prompt"][2:3][:, (b["prompt"][2] != data.tok.pad_id).int().argmax():], 12)
+    first_real = (b["prompt"][2] != data.tok.pad_id).int().argmax()
+    alone = vlm.generate(model, vlm.row_images(b)[2:3], b["prompt"][2:3][:, first_real:], 12)
     assert torch.equal(alone[0], cached[2, :alone.shape[1]])
 
 
@@ -53,14 +51,14 @@ def test_start_late_and_join_a_batch_match_full_recomputation(tiny):
         assert torch.allclose(logits, full[:, 2], atol=1e-5)
         assert torch.allclose(model.step(state, answer[:, 2]), full[:, 3], atol=1e-5)
         logits, state = model.start(images[:1], prompt[:2], image_index=torch.zeros(2, dtype=torch.long))
-        other, _ = model.start(images[:1].expand(2, -1, -1, -1), prompt[:2])  # one image read once for two rows
+        other, _ = model.start(images[:1].expand(2, -1, -1, -1), prompt[:2])  # one image read once, two rows
         assert torch.allclose(logits, other, atol=1e-5)
         both = vlm.cat_states(state, model.start(images[2:], prompt[2:])[1])
         assert torch.allclose(model.step(both, answer[:, 0])[2:], full[2:, 1], atol=1e-5)
 
 
 def test_prefix_lm_mask_by_hand():
-    key_valid = torch.tensor([[True, True, False, True, True, True, False]])  # img img pad prompt | ans ans pad
+    key_valid = torch.tensor([[True, True, False, True, True, True, False]])  # img img pad prompt|ans ans pad
     m = vlm.prefix_lm_mask(key_valid, n_prefix=4)[0, 0]
     assert m[0, 3] and m[3, 0] and m[1, 3]  # image and prompt see each other both ways
     assert not m[0, 4] and not m[3, 4]  # the prefix never sees the answer
@@ -77,7 +75,7 @@ def test_prefix_mask_in_the_model(tiny):
     later[:, 2] = (later[:, 2] + 7) % 300
     out = model.logits(b["images"], b["prompt"], later, b["image_index"])
     S = out.shape[1]
-    assert torch.allclose(out[:, :S - A + 2], base[:, :S - A + 2], atol=1e-5)  # positions before it: unchanged
+    assert torch.allclose(out[:, :S - A + 2], base[:, :S - A + 2], atol=1e-5)  # positions before: unchanged
     assert not torch.allclose(out[:, S - A + 2], base[:, S - A + 2])
     prompt = b["prompt"].clone()
     prompt[:, -2] = (prompt[:, -2] + 7) % 300
@@ -102,7 +100,7 @@ def test_loss_counts_answer_tokens_only(tiny):
 
 def test_tiny_vlm_overfits_a_batch():
     torch.manual_seed(0)
-    cfg = vlm.Config(**TINY)
+    cfg = vlm.Config(**VLM_TINY)
     data = vlm.Data(cfg, seed=0, verbose=False)
     model = vlm.VLM(cfg, data.tok)
     b = data.batch("train", 0, 8, "cpu")
@@ -123,7 +121,7 @@ def test_tiny_vlm_overfits_a_batch():
 def test_mlm_objective_masks_the_caption_and_sees_everything(tiny):
     _, data = tiny
     torch.manual_seed(0)
-    cfg = vlm.Config(**TINY, objective="mlm")
+    cfg = vlm.Config(**VLM_TINY, objective="mlm")
     model = vlm.VLM(cfg, data.tok)
     b = vlm.Data(cfg, seed=0, verbose=False).batch("train", 0, 8, "cpu")
     assert b["prompt"].shape[1] >= 1 and (b["answer"] == data.tok.eot_id).any()
@@ -146,29 +144,33 @@ def test_caption_parser_and_object_match():
 
 def test_init_vision_from_an_mae_checkpoint(tmp_path):
     mae_args = ["--img_size=32", "--patch_size=8", "--n_layer=1", "--n_head=2", "--n_embd=32",
-                "--decoder_n_layer=1", "--decoder_n_embd=32", "--decoder_n_head=2", "--n_train=64", "--n_val=16",
+                "--decoder_n_layer=1", "--decoder_n_embd=32", "--decoder_n_head=2", "--n_train=64",
+                "--n_val=16",
                 "--batch_size=4", "--max_iters=1", "--eval_iters=1", f"--out_dir={tmp_path / 'mae'}"]
     run("train.py", "mae", *mae_args)
-    from train import load_checkpoint
-    enc = {k[8:]: v for k, v in load_checkpoint(tmp_path / "mae/ckpt.pt", "mae")["model"].items() if k.startswith("encoder.")}
-    model = vlm.VLM(vlm.Config(**TINY, init_vision=str(tmp_path / "mae/ckpt.pt"), freeze_vision=True))
+    weights = load_checkpoint(tmp_path / "mae/ckpt.pt", "mae")["model"]
+    enc = {k[8:]: v for k, v in weights.items() if k.startswith("encoder.")}
+    model = vlm.VLM(vlm.Config(**VLM_TINY, init_vision=str(tmp_path / "mae/ckpt.pt"), freeze_vision=True))
     for k, v in model.vision.state_dict().items():
         assert torch.equal(v, enc[k]), k
     assert not any(p.requires_grad for p in model.vision.parameters())
     with pytest.raises(UserError, match=r"encoder.cls_token is \(1, 1, 32\) there, \(1, 1, 64\) here"):
-        vlm.VLM(vlm.Config(**{**TINY, "vision_n_embd": 64}, init_vision=str(tmp_path / "mae/ckpt.pt")))
+        vlm.VLM(vlm.Config(**{**VLM_TINY, "vision_n_embd": 64}, init_vision=str(tmp_path / "mae/ckpt.pt")))
     run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
-        "--block_size=16", "--batch_size=4", "--max_iters=1", "--eval_iters=1", f"--out_dir={tmp_path / 'mlm'}")
+        "--block_size=16", "--batch_size=4", "--max_iters=1", "--eval_iters=1",
+        f"--out_dir={tmp_path / 'mlm'}")
     with pytest.raises(UserError, match="'mlm' checkpoint, not 'mae'"):
-        vlm.VLM(vlm.Config(**TINY, init_vision=str(tmp_path / "mlm/ckpt.pt")))
+        vlm.VLM(vlm.Config(**VLM_TINY, init_vision=str(tmp_path / "mlm/ckpt.pt")))
 
 
 def test_train_vlm_then_sample(tmp_path):
-    p = run("train.py", "vlm", *TINY_ARGS, "--batch_size=8", "--max_iters=4", "--eval_iters=1", "--log_interval=2",
+    p = run("train.py", "vlm", *VLM_ARGS, "--batch_size=8", "--max_iters=4", "--eval_iters=1",
+            "--log_interval=2",
             f"--out_dir={tmp_path}")
     assert "tokens/s" in p.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for k in ("ood_q_exist", "ood_q_all", "val_caption_f1", "ood_caption_exact", "ood_attr_acc_image", "ood_attr_acc_blank"):
+    for k in ("ood_q_exist", "ood_q_all", "val_caption_f1", "ood_caption_exact", "ood_attr_acc_image",
+              "ood_attr_acc_blank"):
         assert 0 <= metrics[k] <= 1, k
     p = run("sample.py", "vlm", f"--out_dir={tmp_path}", "--scenes=0,3", "--split=ood")
     assert p.stdout.startswith("ood 0: ") and "ood 3: " in p.stdout and (tmp_path / "sample_vlm.png").exists()
@@ -179,7 +181,7 @@ def test_train_vlm_then_sample(tmp_path):
 
 
 def test_mlm_objective_trains_and_fills_blanks_given_the_image(tmp_path):
-    run("train.py", "vlm", *TINY_ARGS, "--objective=mlm", "--batch_size=8", "--max_iters=2", "--eval_iters=1",
+    run("train.py", "vlm", *VLM_ARGS, "--objective=mlm", "--batch_size=8", "--max_iters=2", "--eval_iters=1",
         f"--out_dir={tmp_path}")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["ood_attr_acc_image"] <= 1 and "ood_q_exist" not in metrics  # it does not answer

@@ -1,0 +1,128 @@
+"""Checkpoints and the folders they live in: written atomically, read with weights_only=True (a
+checkpoint never runs code), checked for their idea, and a run's folder locked while it trains.
+
+nanochat keeps the same beside its common.py, in checkpoint_manager.py.
+"""
+import dataclasses
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from common import UserError, check_writable, load_idea
+
+CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"  # unique: two writers never share one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, idea):
+    """A checkpoint of `idea`, or a one-line error: missing, unreadable, or another idea's."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train first (python train.py {idea}) or check --out_dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint at all, ...
+        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}") from None
+    if not isinstance(ckpt, dict) or "idea" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    if ckpt["idea"] != idea:
+        raise UserError(f"{path} is a {ckpt['idea']!r} checkpoint, not {idea!r}")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or set(ckpt["config"]) != {"train", "model"}:
+        what = ", ".join(missing) or "its config"
+        raise UserError(f"{path} lacks {what}: not a complete train.py checkpoint")
+    return ckpt
+
+
+def without_init(cfg):
+    """The config with every init_* key (where training started from) emptied: a checkpoint's weights
+    replace them, so loading or resuming never needs those files again."""
+    empty = {f.name: "" for f in dataclasses.fields(cfg) if f.name.startswith("init_")}
+    return dataclasses.replace(cfg, **empty)
+
+
+def config_from(module, ckpt):
+    """A checkpoint's model config as the idea's Config, or a one-line error if this code changed."""
+    try:
+        return module.Config(**ckpt["config"]["model"])
+    except TypeError as e:  # a key this version does not know
+        raise UserError(f"the checkpoint's config does not fit this code ({e})") from None
+
+
+def load_model(idea, path, device="cpu"):
+    """-> (module, model in eval mode on `device`, its Config, the checkpoint)."""
+    module = load_idea(idea)
+    ckpt = load_checkpoint(path, idea)
+    cfg = config_from(module, ckpt)
+    try:
+        model = module.Model(without_init(cfg))
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint does not fit this code: {str(e).splitlines()[0]}") from None
+    return module, model.to(device).eval(), cfg, ckpt
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's folder
+
+def check_out_dir(out_dir, fresh):
+    """Before anything is written: out_dir must be (or become) a writable folder, and a run from
+    scratch never lands on a trained checkpoint."""
+    check_writable(out_dir)
+    old = [n for n in ("ckpt.pt", "ckpt_best.pt") if (Path(out_dir) / n).exists()]
+    if fresh and old:
+        raise UserError(f"{out_dir} already holds {' and '.join(old)}; continue it with --init_from=resume, "
+                        f"or train into another --out_dir (or delete the old one)")
+
+
+def lock_out_dir(out_dir, fresh):
+    """Every check has passed: make out_dir and hold an exclusive lock on it for this process's
+    lifetime (the OS drops it if we die), so a second run into the same folder is refused instead
+    of racing this one; then check it again, under the lock. -> the held handle."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; unique temp names still keep saves whole
+        check_out_dir(out_dir, fresh)
+        return None
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another run is training in {out_dir}; "
+                        f"wait for it, or use another --out_dir") from None
+    check_out_dir(out_dir, fresh)
+    for tmp in Path(out_dir).glob("*.pt.*.tmp"):  # under the lock, these are dead writers' leftovers
+        tmp.unlink()
+    return fd
+
+
+def check_resume_shapes(model, ckpt, mc):
+    """A resume whose config changes a parameter's shape fails here, naming the key and both values."""
+    own = model.state_dict()
+    old = ckpt["config"]["model"]
+    for name, saved in ckpt["model"].items():
+        if name in own and own[name].shape != saved.shape:
+            changed = [f"{k}={v} (checkpoint: {old[k]})" for k, v in asdict(mc).items()
+                       if k in old and old[k] != v]
+            raise UserError(f"cannot resume: {', '.join(changed) or name} changes the shape of {name} "
+                            f"from {tuple(saved.shape)} to {tuple(own[name].shape)}; drop the override "
+                            f"or start a new --out_dir")
+    missing = sorted(set(own) ^ set(ckpt["model"]))
+    if missing:
+        raise UserError(f"cannot resume: the checkpoint's weights do not match this model "
+                        f"({missing[0]}, ...)")

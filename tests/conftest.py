@@ -1,0 +1,34 @@
+"""What the tests share: the tiny configs every test trains or builds, and the subprocess helper."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo's modules, whatever folder pytest is started from
+
+
+def as_args(config):
+    """{'n_layer': 1} -> ['--n_layer=1']"""
+    return [f"--{k}={v}" for k, v in config.items()]
+
+
+# the smallest models that still do what the full ones do: one or two layers of width 32 on 32 px
+MAE_TINY = dict(img_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32,
+                decoder_n_layer=1, decoder_n_head=2, decoder_n_embd=32)
+MAE_ARGS = as_args(MAE_TINY) + ["--n_train=256", "--n_val=64", "--batch_size=8", "--eval_iters=2",
+                                "--warmup_iters=2"]
+MLM_ARGS = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
+            "--block_size=16"]
+VLM_TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
+                vision_n_embd=32, n_layer=2, n_head=2, n_embd=32)
+VLM_ARGS = as_args(VLM_TINY)
+
+
+def run(*args, check=True, env=None, timeout=300):
+    """Run a script of the repo in a fresh process, one thread; -> CompletedProcess with text output."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and p.returncode:
+        raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
