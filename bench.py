@@ -171,10 +171,13 @@ def bench_mlm(bc):
 def bench_vlm(bc):
     import vlm
     device = pick_device(bc.device)
-    default = vlm.Config()
+    default = vlm.Config(init_vision="none")
     larger = replace(default, n_layer=6, n_embd=256, n_head=8)
+    encoder_free = replace(default, vision_n_layer=0, n_layer=8)
     train_rows("vlm", (("default (vision 4x128, fused 4x128, 17 img tokens)", default),
-                       ("larger (vision 4x128, fused 6x256)", larger)), bc, device)
+                       ("larger (vision 4x128, fused 6x256)", larger),
+                       ("encoder-free (no vision layers, fused 8x128)", encoder_free)), bc, device)
+    vlm_stages(default, bc, device)
     torch.manual_seed(0)
     model = vlm.VLM(default).to(device).eval()
     with torch.no_grad():
@@ -192,6 +195,42 @@ def bench_vlm(bc):
         print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | "
               f"recomputing {speed[False]:>8,.0f} tokens/s"
               f" | speed-up {speed[True] / speed[False]:.1f}x")
+
+
+def vlm_stages(cfg, bc, device):
+    """Where a training step's time goes, stage by stage (medians), and what evaluation costs."""
+    import vlm
+    torch.manual_seed(0)
+    model, data = vlm.VLM(cfg).to(device), vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
+    bs = vlm.train_defaults["batch_size"]
+    batches = [data.batch("train", i, bs, device) for i in range(bc.steps + 2)]
+
+    def tower(b):
+        return model.image_tokens(b["images"]).float().pow(2).mean()  # forward and backward of the tower
+    t_step = time_steps(model, batches.__getitem__, bc.steps)
+    t_tower = time_steps(model, batches.__getitem__, bc.steps, tower)
+    t0 = time.perf_counter()
+    for i in range(bc.steps):
+        data.batch("train", i, bs, device)
+    t_data = (time.perf_counter() - t0) / bc.steps
+    b, pad = batches[0], data.tok.pad_id
+    real = int((b["prompt"] != pad).sum() + (b["answer"] != pad).sum())
+    padded = len(b["prompt"]) * (b["prompt"].shape[1] + b["answer"].shape[1])
+    grouped = sum(len(rows) * (P + A) for rows, P, A in vlm.length_groups(b["prompt"], b["answer"], pad))
+    print(f"\nwhere a training step goes (batch {bs} images x {cfg.texts_per_image} texts, forward + "
+          f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | vision tower {1000 * t_tower:7.1f} ms "
+          f"({100 * t_tower / t_step:.0f}%) | the rest (projector, fused stack, loss, optimizer) "
+          f"{1000 * (t_step - t_tower):7.1f} ms | data {1000 * t_data:5.1f} ms")
+    print(f"  text tokens a step: {real:,} real; padded to the batch's longest {padded:,}; "
+          f"in two length groups {grouped:,} (what the fused stack reads, beside the image tokens)")
+    model.eval()
+    t0 = time.perf_counter()
+    vlm.monitor(model, data, device)
+    t_monitor = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vlm.evaluate(model, data, device)
+    print(f"  evaluation: monitor (200 ood existence questions) {t_monitor:.1f} s at each eval; the final "
+          f"evaluate() {time.perf_counter() - t0:.0f} s (an untrained model: captions run to 40 tokens)")
 
 
 def study_model_or_untrained(sc, device):

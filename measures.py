@@ -6,12 +6,17 @@
     CHAIR (Rohrbach et al. 2018) shapes a caption names that are not in the scene, per mention
                                  (CHAIR_i) and per caption (CHAIR_s), beside object recall; compared
                                  at one fixed caption length, so no method wins by saying less.
-`hallucination.py` runs them for every decoding method; the functions here only count.
+`hallucination.py` runs them for every decoding method; the functions here only count. Below them,
+what `train.py vlm` reports of a trained VLM (vlm.evaluate and vlm.monitor): questions, captions,
+and attribute words with the real image against a blank canvas (the language prior alone).
 """
 import numpy as np
+import torch
 
 from common import f1
-from data.shapes import SHAPES, object_match, parse_caption
+from data.pairs import CAPTION_PROMPT, blank_like, row_images
+from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
+from mlm import word_mask
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 
@@ -89,3 +94,99 @@ def marked(text, objs):
             w = f"[{w.strip(',.')}✗]" + ("," if w.endswith(",") else "")
         words.append(w)
     return " ".join(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the VLM can do: questions, captions, and how much of it comes from the image
+
+@torch.no_grad()
+def answer_questions(model, data, split, device, batch_size=256, n_scenes=None, kinds=None):
+    """Every question (of `kinds`) of the split's first n_scenes held-out scenes, answered greedily
+    -> {kind: accuracy, 'all': accuracy}."""
+    items = [(i, kind, q, a) for i in range(min(n_scenes or 10 ** 9, len(data.shapes[split])))
+             for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))
+             if kinds is None or kind in kinds]
+    right, total = {}, {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
+        out = model.generate(row_images(b), b["prompt"], max_new_tokens=6)
+        for (_, kind, _, a), said in zip(chunk, model.texts(out)):
+            right[kind] = right.get(kind, 0) + (said == a)
+            total[kind] = total.get(kind, 0) + 1
+    acc = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    acc["all"] = sum(right.values()) / sum(total.values())
+    return acc
+
+
+@torch.no_grad()
+def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40):
+    """Greedy captions of the split's held-out scenes -> object precision, recall, F1, exact match."""
+    tp = n_said = n_true = exact = 0
+    n = len(data.shapes[split])
+    for k in range(0, n, batch_size):
+        idx = np.arange(k, min(n, k + batch_size))
+        b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
+        out = model.generate(row_images(b), b["prompt"], max_new_tokens)
+        for i, text in zip(idx, model.texts(out)):
+            objs = data.shapes[split].scene(i)
+            t, s, g = object_match(parse_caption(text), objs)
+            tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
+    p, r = tp / max(1, n_said), tp / max(1, n_true)
+    return {"precision": p, "recall": r, "f1": f1(p, r), "exact": exact / n}
+
+
+@torch.no_grad()
+def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
+    """Accuracy on the caption's attribute words (shapes, colours, sizes): teacher-forced for the
+    prefix-LM, BERT-masked for the mlm objective. blank=True shows the empty canvas instead: what
+    the language prior alone gets right."""
+    is_attr = word_mask(model.tok, {*SHAPES, *COLOUR_NAMES, *SIZES}, device)
+    right = total = 0
+    n = len(data.shapes[split])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for k in range(0, n, batch_size):
+            idx = np.arange(k, min(n, k + batch_size))
+            pairs = [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx]
+            b = data.make_batch(split, idx, pairs, device)
+            images = blank_like(b["images"]) if blank else b["images"]
+            prompt, answer = b["prompt"], b["answer"]
+            if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
+                inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
+                pred = model.fill(images, prompt, inputs, b["image_index"]).argmax(-1)
+            else:
+                pred = model.answer_logits(images, prompt, answer, b["image_index"]).argmax(-1)
+            sel = is_attr[answer]
+            right += ((pred == answer) & sel).sum().item()
+            total += sel.sum().item()
+    return right / max(1, total)
+
+
+def evaluate(model, data, device):
+    """Questions and captions on held-out val (biased) and ood (bias broken) scenes, and how much
+    the model uses its eyes: attribute words with the real image vs a blank one."""
+    model.eval()
+    out = {}
+    for split in ("val", "ood"):
+        if model.cfg.objective == "prefix":
+            for k, v in answer_questions(model, data, split, device).items():
+                out[f"{split}_q_{k}"] = v
+            for k, v in caption_scores(model, data, split, device).items():
+                out[f"{split}_caption_{k}"] = v
+        out[f"{split}_attr_acc_image"] = attribute_accuracy(model, data, split, device)
+        out[f"{split}_attr_acc_blank"] = attribute_accuracy(model, data, split, device, blank=True)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def monitor(model, data, device, n_scenes=200):
+    """Sight, cheaply, at every evaluation: the existence question of each of the first n_scenes `ood`
+    scenes (balanced yes/no; the world's bias cannot help there) -> {'ood_exist': accuracy}."""
+    if model.cfg.objective != "prefix":
+        return {}
+    model.eval()
+    acc = answer_questions(model, data, "ood", device, n_scenes=n_scenes, kinds=("exist",))["all"]
+    model.train()
+    return {"ood_exist": acc}

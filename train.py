@@ -9,6 +9,7 @@ same small face, and the loop calls nothing else:
                       .items(batch) counts what `.unit` names (images, tokens) for throughput
     evaluate(model, data, device) -> dict of figures reported once training is done
     monitor(model, data, device)  (optional) a few cheap figures logged at every evaluation
+    requires(cfg, out_dir)        (optional) runs of other ideas to make first: [(idea, args)]
 The same loop runs on a laptop CPU, one GPU, or many under torchrun (DDP).
 """
 import dataclasses
@@ -375,6 +376,12 @@ def main(argv):
     pick_device(tc.device)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         check_out_dir(tc.out_dir, fresh=ckpt is None)
+    first = module.requires(mc, tc.out_dir) if hasattr(module, "requires") and ckpt is None else []
+    for idea, args in first:  # another idea's run this one starts from (the VLM's MAE)
+        if "RANK" in os.environ:
+            raise UserError(f"{argv[0]} starts from python train.py {idea} {' '.join(args)}: run it first")
+        print(f"first, what {argv[0]} starts from: python train.py {idea} {' '.join(args)}", flush=True)
+        main([idea, *args])
     train(argv[0], tc, mc, module, ckpt)
     return 0
 

@@ -16,21 +16,22 @@ captions on held-out scenes of the biased `val` split and of the `ood` split, wh
 broken, and compares attribute-word accuracy with the real image against a blank one: the language
 prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
 """
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
-from common import UserError, at_least, check_writable, divisible, f1, one_of, plot_losses
-from mae import Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
-from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, load_tokenizer, row_images
-from data.shapes import SHAPES, caption, questions
-from mlm import filter_logits, mask_tokens, masked_loss, word_mask
+from common import UserError, at_least, check_writable, divisible, one_of, pyplot, savefig
+from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
+from data.pairs import (CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, load_tokenizer,  # noqa: F401
+                        row_images)
+from measures import evaluate, monitor  # noqa: F401  (the face train.py calls)
+from mlm import filter_logits, mask_tokens, masked_loss
 
 MAX_TEXT = 128  # text positions (prompt + answer)
 
@@ -42,7 +43,8 @@ class Config:
     n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
     n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
     n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
-    vision_n_layer: int = 4      # the vision tower: mae.ViTEncoder, the same shapes as `train.py mae`
+    vision_n_layer: int = 4      # the vision tower: mae.ViTEncoder, the same shapes as `train.py mae`;
+                                 # 0 = no encoder: patch embedding and positions, then the fused stack
     vision_n_head: int = 4
     vision_n_embd: int = 128
     merge: int = 2               # pixel shuffle: each k x k patches become one image token (nanoVLM)
@@ -53,15 +55,18 @@ class Config:
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
     texts_per_image: int = 2     # prefix: each image comes with its caption and this many - 1 questions
     mask_prob: float = 0.15      # mlm
-    init_vision: str = ""        # an MAE checkpoint (out-mae/ckpt.pt) to start the vision tower from
+    init_vision: str = "auto"    # the tower starts from: an MAE checkpoint (PATH), none (random), or auto:
+                                 # out-mae beside out_dir, trained first (train.py mae) if none matches
     freeze_vision: bool = False
+    mae_weight: float = 0.0      # > 0: add this times MAE's masked-patch loss on the same tower (joint)
+    mae_max_iters: int = 0       # --init_vision=auto: the MAE's training iterations; 0 = train.py mae's
     cooccur: float = 0.5         # the world's bias (data/shapes.py); 0 and 0 = an unbiased world
     skew: float = 0.5
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval",
-                 "vision_n_layer", "vision_n_head", "vision_n_embd", "n_layer", "n_head", "n_embd")
-        at_least(self, 0, "n_captioned", "cooccur", "skew")
+                 "vision_n_head", "vision_n_embd", "n_layer", "n_head", "n_embd")
+        at_least(self, 0, "n_captioned", "cooccur", "skew", "vision_n_layer", "mae_weight", "mae_max_iters")
         divisible(self, "img_size", "patch_size")
         if (self.img_size // self.patch_size) % self.merge:
             grid = self.img_size // self.patch_size
@@ -82,6 +87,39 @@ class Config:
 # ~9 minutes on 2 CPU cores, first run included (batch_size counts images, each with texts_per_image texts)
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=250, eval_iters=8)
+
+
+def requires(cfg, out_dir):
+    """--init_vision=auto: the MAE of `train.py mae` (its shapes fitted to this tower) beside out_dir,
+    as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another -> the runs train.py makes
+    first, [(idea, args)], none where a finished one is there; cfg.init_vision becomes its path."""
+    if cfg.init_vision != "auto":
+        return []
+    mc = mae_config(cfg)
+    shapes = {k: getattr(mc, k) for k in ("img_size", "patch_size", "n_layer", "n_head", "n_embd",
+                                          "mlp_ratio")}
+    args = [f"--{k}={v}" for k, v in shapes.items()] + [f"--n_train={cfg.n_train}"]
+    args += [f"--max_iters={cfg.mae_max_iters}"] if cfg.mae_max_iters else []
+    key = "-".join(str(v) for v in shapes.values())
+    for folder in (Path(out_dir).parent / "out-mae", Path(out_dir).parent / f"out-mae-{key}"):
+        path = folder / "ckpt.pt"
+        cfg.init_vision = str(path)
+        if not path.exists():
+            return [("mae", [*args, f"--out_dir={folder}"])]
+        ckpt = load_checkpoint(path, "mae")
+        if all(ckpt["config"]["model"].get(k) == v for k, v in shapes.items()):
+            if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # interrupted: finish it
+                return [("mae", ["--init_from=resume", f"--out_dir={folder}"])]
+            return []
+    raise UserError(f"{folder} holds an MAE of other shapes than this tower; move it, or give "
+                    f"--init_vision=PATH (or none)")
+
+
+def mae_config(cfg):
+    """The `train.py mae` model whose encoder has this VLM's tower shapes (its defaults otherwise)."""
+    import mae
+    return mae.Config(img_size=cfg.img_size, patch_size=cfg.patch_size, n_layer=cfg.vision_n_layer,
+                      n_head=cfg.vision_n_head, n_embd=cfg.vision_n_embd, mlp_ratio=cfg.mlp_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +150,10 @@ class VLM(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.wte.weight, std=D ** -0.5)  # as in mlm.py: tokens and sin-cos on equal terms
         nn.init.normal_(self.vision.cls_token, std=0.02)
-        if cfg.init_vision:
+        if cfg.mae_weight:  # MAE's decoder, reading this tower (the MAE's own encoder is not kept)
+            self.mae = MAE(mae_config(cfg))
+            del self.mae.encoder
+        if cfg.init_vision not in ("", "none", "auto"):  # train.py resolves auto before it builds us
             self.load_vision(cfg.init_vision)
         self.vision.requires_grad_(not cfg.freeze_vision)
 
@@ -156,8 +197,10 @@ class VLM(nn.Module):
         """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix.
         image_index (B,): which image each text row reads, when rows share one (the ViT sees it once)."""
         img = self.image_tokens(images)  # (N, L', D)
-        if image_index is not None:
-            img = img[image_index]  # (B, L', D)
+        return self.sequence_of(img if image_index is None else img[image_index], prompt, answer)
+
+    def sequence_of(self, img, prompt, answer):
+        """The same from each row's image tokens img (B, L', D)."""
         text = torch.cat([prompt, answer], dim=1)  # (B, P+A)
         valid = text != self.tok.pad_id
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # padding does not move the positions
@@ -190,10 +233,31 @@ class VLM(nn.Module):
                                          self.cfg.mask_prob)
             logits = self.fill(images, prompt, answer, index)  # (B, A, V)
         else:  # the position before each answer token predicts it; image and prompt are never targets
-            logits = self.answer_logits(images, prompt, answer, index)  # (B, A, V)
-            labels = answer.masked_fill(answer == self.tok.pad_id, -100)
+            logits, labels = self.answer_targets(images, prompt, answer, index)  # (1, N, V), (1, N)
         _, loss, acc = masked_loss(logits, labels)
+        if self.cfg.mae_weight:  # the tower also paints back its own masked patches (M3AE, VL-BEiT)
+            loss = loss + self.cfg.mae_weight * self.mae_loss(images)
         return loss, {"acc": acc}
+
+    def answer_targets(self, images, prompt, answer, index):
+        """The answer tokens' predictions and targets -> (1, N, V), (1, N), N real tokens. Captions and
+        short questions share a batch: padding each group of rows to its own longest (length_groups)
+        spares the fused stack the padding, about a third of its tokens."""
+        img = self.image_tokens(images)[index]  # (B, L', D): each image read once
+        pad, logits, labels = self.tok.pad_id, [], []
+        for rows, P, A in length_groups(prompt, answer, pad):
+            a = answer[rows, :A]  # (b, A): right-padded, so the real tokens come first
+            x, key_valid, n_prefix = self.sequence_of(img[rows], prompt[rows, -P:], a)
+            out = answer_positions(self.run(x, prefix_lm_mask(key_valid, n_prefix)), A)  # (b, A, V)
+            logits.append(out[a != pad])
+            labels.append(a[a != pad])
+        return torch.cat(logits)[None], torch.cat(labels)[None]
+
+    def mae_loss(self, images):
+        """MAE's masked-patch loss with this tower as the encoder and a small decoder of its own."""
+        latent, mask, ids_restore = self.vision(images, self.mae.cfg.mask_ratio)  # (N, 1+L/4, Dv)
+        pred = self.mae.forward_decoder(latent, ids_restore)  # (N, L, p*p*3)
+        return self.mae.forward_loss(images, pred, mask).mean()
 
     def texts(self, out):
         """Generated ids (B, T) -> B strings, end-of-text and padding dropped."""
@@ -225,6 +289,32 @@ class VLM(nn.Module):
         state["pos"] = state["pos"] + 1
         return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
 
+    @torch.no_grad()
+    def generate(self, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True):
+        """Answers for a batch -> (B, <= max_new_tokens) ids, end-of-text and after it as padding.
+        temperature 0 is greedy. use_cache=False recomputes the whole sequence each step (the slow
+        reference)."""
+        B = images.shape[0]
+        eot, pad = self.tok.eot_id, self.tok.pad_id
+        out = torch.full((B, 0), pad, dtype=torch.long, device=images.device)
+        done = torch.zeros(B, dtype=torch.bool, device=images.device)
+        if use_cache:
+            logits, state = self.start(images, prompt)
+        else:
+            logits = self.logits(images, prompt, out)[:, -1]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = F.softmax(filter_logits(logits, temperature, top_k), -1)  # (B, V)
+                token = torch.multinomial(probs, 1)[:, 0]
+            else:
+                token = logits.argmax(-1)  # (B,)
+            out = torch.cat([out, torch.where(done, pad, token)[:, None]], dim=1)
+            done |= token == eot
+            if done.all() or out.shape[1] == max_new_tokens:
+                break
+            logits = self.step(state, token) if use_cache else self.logits(images, prompt, out)[:, -1]
+        return out
+
 
 def cat_states(a, b):
     """Two generation states at the same position -> one, rows of a then rows of b."""
@@ -236,6 +326,7 @@ def cat_states(a, b):
 
 
 Model = VLM
+generate = VLM.generate  # vlm.generate(model, images, prompt, ...): the same, called on a model
 Data = ShapesPairs  # the shapes world's images with captions and questions (data/pairs.py)
 
 
@@ -254,120 +345,33 @@ def prefix_lm_mask(key_valid, n_prefix):
     return (allowed[None] & key_valid[:, None, :])[:, None]  # (B, 1, S, S)
 
 
-@torch.no_grad()
-def generate(model, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True):
-    """Answers for a batch -> (B, <= max_new_tokens) ids, end-of-text and after it as padding.
-    temperature 0 is greedy. use_cache=False recomputes the whole sequence each step (the slow
-    reference)."""
-    B = images.shape[0]
-    eot, pad = model.tok.eot_id, model.tok.pad_id
-    out = torch.full((B, 0), pad, dtype=torch.long, device=images.device)
-    done = torch.zeros(B, dtype=torch.bool, device=images.device)
-    if use_cache:
-        logits, state = model.start(images, prompt)
-    else:
-        logits = model.logits(images, prompt, out)[:, -1]
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            token = torch.multinomial(F.softmax(filter_logits(logits, temperature, top_k), -1), 1)[:, 0]
-        else:
-            token = logits.argmax(-1)  # (B,)
-        out = torch.cat([out, torch.where(done, pad, token)[:, None]], dim=1)
-        done |= token == eot
-        if done.all() or out.shape[1] == max_new_tokens:
-            break
-        logits = model.step(state, token) if use_cache else model.logits(images, prompt, out)[:, -1]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-
-@torch.no_grad()
-def answer_questions(model, data, split, device, batch_size=256):
-    """Every question of the split's held-out scenes, answered greedily -> {kind: accuracy}."""
-    items = [(i, kind, q, a) for i in range(len(data.shapes[split]))
-             for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))]
-    right, total = {}, {}
-    for k in range(0, len(items), batch_size):
-        chunk = items[k:k + batch_size]
-        b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
-        out = generate(model, row_images(b), b["prompt"], max_new_tokens=6)
-        for (_, kind, _, a), said in zip(chunk, model.texts(out)):
-            right[kind] = right.get(kind, 0) + (said == a)
-            total[kind] = total.get(kind, 0) + 1
-    acc = {kind: right[kind] / total[kind] for kind in sorted(total)}
-    acc["all"] = sum(right.values()) / sum(total.values())
-    return acc
-
-
-@torch.no_grad()
-def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40):
-    """Greedy captions of the split's held-out scenes -> object precision, recall, F1, exact match."""
-    from data.shapes import object_match, parse_caption
-    tp = n_said = n_true = exact = 0
-    n = len(data.shapes[split])
-    for k in range(0, n, batch_size):
-        idx = np.arange(k, min(n, k + batch_size))
-        b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
-        out = generate(model, row_images(b), b["prompt"], max_new_tokens)
-        for i, text in zip(idx, model.texts(out)):
-            objs = data.shapes[split].scene(i)
-            t, s, g = object_match(parse_caption(text), objs)
-            tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
-    p, r = tp / max(1, n_said), tp / max(1, n_true)
-    return {"precision": p, "recall": r, "f1": f1(p, r), "exact": exact / n}
-
-
-@torch.no_grad()
-def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
-    """Accuracy on the caption's attribute words (shapes, colours, sizes): teacher-forced for the
-    prefix-LM, BERT-masked for the mlm objective. blank=True shows the empty canvas instead: what
-    the language prior alone gets right."""
-    from data.shapes import COLOUR_NAMES, SIZES
-    is_attr = word_mask(model.tok, {*SHAPES, *COLOUR_NAMES, *SIZES}, device)
-    right = total = 0
-    n = len(data.shapes[split])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for k in range(0, n, batch_size):
-            idx = np.arange(k, min(n, k + batch_size))
-            pairs = [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx]
-            b = data.make_batch(split, idx, pairs, device)
-            images = blank_like(b["images"]) if blank else b["images"]
-            prompt, answer = b["prompt"], b["answer"]
-            if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
-                inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
-                pred = model.fill(images, prompt, inputs, b["image_index"]).argmax(-1)
-            else:
-                pred = model.answer_logits(images, prompt, answer, b["image_index"]).argmax(-1)
-            sel = is_attr[answer]
-            right += ((pred == answer) & sel).sum().item()
-            total += sel.sum().item()
-    return right / max(1, total)
-
-
-def evaluate(model, data, device):
-    """Questions and captions on held-out val (biased) and ood (bias broken) scenes, and how much
-    the model uses its eyes: attribute words with the real image vs a blank one."""
-    model.eval()
-    out = {}
-    for split in ("val", "ood"):
-        if model.cfg.objective == "prefix":
-            for k, v in answer_questions(model, data, split, device).items():
-                out[f"{split}_q_{k}"] = v
-            for k, v in caption_scores(model, data, split, device).items():
-                out[f"{split}_caption_{k}"] = v
-        out[f"{split}_attr_acc_image"] = attribute_accuracy(model, data, split, device)
-        out[f"{split}_attr_acc_blank"] = attribute_accuracy(model, data, split, device, blank=True)
-    model.train()
-    return out
-
+# Evaluation (measures.py): questions, captions, attribute words with the real image and a blank
 
 def plot_runs(out_dirs, path):
-    """Val-loss curves of several `train.py vlm` runs in one PNG (the MAE-initialisation comparison)."""
-    curves = {Path(d).name: load_checkpoint(Path(d) / "ckpt.pt", "vlm")["history"]["val"] for d in out_dirs}
-    plot_losses(curves, path)
+    """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
+    logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
+    for a tower started from one (its metrics.json)."""
+    fig, (loss_ax, sight_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
+    for d in out_dirs:
+        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
+        loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
+        init = ckpt["config"]["model"]["init_vision"]
+        mae_metrics = Path(init).parent / "metrics.json"
+        start = 0
+        if init not in ("", "none", "auto") and mae_metrics.is_file():
+            start = json.loads(mae_metrics.read_text())["train_seconds"]
+        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])]
+        if sight:
+            sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
+    loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
+    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
+    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)
+    for ax in (loss_ax, sight_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines[1:] or ax is loss_ax:
+            ax.legend(fontsize=8)
+    savefig(fig, path)
 
 
 def main(argv):

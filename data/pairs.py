@@ -111,3 +111,17 @@ def blank_like(images):
     """The world's empty canvas: every pixel the background colour, as the model's input."""
     return (torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
             .div(127.5).sub(1).expand_as(images).contiguous())
+
+
+def length_groups(prompt, answer, pad_id):
+    """Rows split in (at most) two groups at the cut that pads least, each group padded to its own
+    longest prompt P and answer A -> [(rows, P, A)]."""
+    P, A = (prompt != pad_id).sum(1), (answer != pad_id).sum(1)  # (B,) real lengths
+    order = torch.argsort(P + A, stable=True)
+    P, A, n = P[order], A[order], len(order)
+    k = torch.arange(1, n + 1, device=P.device)
+    head = (P.cummax(0).values + A.cummax(0).values) * k  # rows [:k] padded together
+    tail = (P.flip(0).cummax(0).values + A.flip(0).cummax(0).values).flip(0) * k.flip(0)  # rows [k:]
+    cost = head + torch.cat([tail[1:], tail[:0].new_zeros(1)])  # (n,): cut after row k
+    cut = int(cost.argmin()) + 1
+    return [(order[i:j], int(P[i:j].max()), int(A[i:j].max())) for i, j in ((0, cut), (cut, n)) if j > i]

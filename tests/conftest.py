@@ -21,7 +21,7 @@ MAE_ARGS = as_args(MAE_TINY) + ["--n_train=256", "--n_val=64", "--batch_size=8",
 MLM_ARGS = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
             "--block_size=16"]
 VLM_TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
-                vision_n_embd=32, n_layer=2, n_head=2, n_embd=32)
+                vision_n_embd=32, n_layer=2, n_head=2, n_embd=32, init_vision="none")  # no MAE first
 VLM_ARGS = as_args(VLM_TINY)
 
 

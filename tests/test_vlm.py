@@ -150,17 +150,18 @@ def test_init_vision_from_an_mae_checkpoint(tmp_path):
     run("train.py", "mae", *mae_args)
     weights = load_checkpoint(tmp_path / "mae/ckpt.pt", "mae")["model"]
     enc = {k[8:]: v for k, v in weights.items() if k.startswith("encoder.")}
-    model = vlm.VLM(vlm.Config(**VLM_TINY, init_vision=str(tmp_path / "mae/ckpt.pt"), freeze_vision=True))
+    from_mae = {**VLM_TINY, "init_vision": str(tmp_path / "mae/ckpt.pt")}
+    model = vlm.VLM(vlm.Config(**from_mae, freeze_vision=True))
     for k, v in model.vision.state_dict().items():
         assert torch.equal(v, enc[k]), k
     assert not any(p.requires_grad for p in model.vision.parameters())
     with pytest.raises(UserError, match=r"encoder.cls_token is \(1, 1, 32\) there, \(1, 1, 64\) here"):
-        vlm.VLM(vlm.Config(**{**VLM_TINY, "vision_n_embd": 64}, init_vision=str(tmp_path / "mae/ckpt.pt")))
+        vlm.VLM(vlm.Config(**{**VLM_TINY, "vision_n_embd": 64, "init_vision": str(tmp_path / "mae/ckpt.pt")}))
     run("train.py", "mlm", "--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", "--n_head=2",
         "--block_size=16", "--batch_size=4", "--max_iters=1", "--eval_iters=1",
         f"--out_dir={tmp_path / 'mlm'}")
     with pytest.raises(UserError, match="'mlm' checkpoint, not 'mae'"):
-        vlm.VLM(vlm.Config(**VLM_TINY, init_vision=str(tmp_path / "mlm/ckpt.pt")))
+        vlm.VLM(vlm.Config(**{**VLM_TINY, "init_vision": str(tmp_path / "mlm/ckpt.pt")}))
 
 
 def test_train_vlm_then_sample(tmp_path):
