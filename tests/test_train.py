@@ -44,7 +44,7 @@ def test_config_file_is_parsed_not_executed(tmp_path):
 @pytest.mark.parametrize("idea, tiny", [
     ("mae", ["--n_train=16", "--n_val=8", "--n_layer=2"]),
     ("mlm", ["--corpus=pydoc", "--tokenizer=char", "--n_layer=2", "--block_size=16"]),
-    ("vlm", ["--n_train=16", "--n_eval=4", "--vision_n_layer=1", "--n_layer=1"]),
+    ("vlm", ["--n_train=16", "--n_eval=4", "--vision_n_layer=1", "--n_layer=1", "--init_vision=none"]),
 ])
 def test_gpu_config_runs_two_tiny_iterations_on_cpu(tmp_path, idea, tiny):
     import mlm
