@@ -62,11 +62,13 @@ class Config:
     mae_max_iters: int = 0       # --init_vision=auto: the MAE's training iterations; 0 = train.py mae's
     cooccur: float = 0.5         # the world's bias (data/shapes.py); 0 and 0 = an unbiased world
     skew: float = 0.5
+    noise: float = 0.0           # the world's perception knob (pixels only): Gaussian noise std / 255
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval",
                  "vision_n_head", "vision_n_embd", "n_layer", "n_head", "n_embd")
-        at_least(self, 0, "n_captioned", "cooccur", "skew", "vision_n_layer", "mae_weight", "mae_max_iters")
+        at_least(self, 0, "n_captioned", "cooccur", "skew", "vision_n_layer", "mae_weight", "mae_max_iters",
+                 "noise")
         divisible(self, "img_size", "patch_size")
         if (self.img_size // self.patch_size) % self.merge:
             grid = self.img_size // self.patch_size

@@ -29,7 +29,8 @@ class ShapesPairs:
 
     def __init__(self, cfg, seed=0, verbose=True):
         self.cfg, self.seed = cfg, seed
-        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew)
+        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew,
+                           noise=cfg.noise)
         self.tok = load_tokenizer(verbose)
         self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
                        for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}

@@ -47,6 +47,7 @@ class World:
     skew: float = 0.5      # shape k is drawn with weight 1/(k+1)**skew; 0 = uniform
     cooccur: float = 0.5   # chance that a new object is the partner of a shape already present
     seed: int = 0
+    noise: float = 0.0     # the perception knob, pixels only: Gaussian noise std, a fraction of 255
 
     def for_split(self, split):
         if split not in SPLITS:
@@ -203,9 +204,23 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops, workers don't print tracebacks
 
 
+def add_noise(world, split, index, img):
+    """The scene's own noise (seeded by its index, so an edited re-render gets the same grain)."""
+    if not world.noise:
+        return img
+    rng = np.random.default_rng([world.seed, SPLITS[split], index, 2])
+    noisy = img + rng.normal(0.0, world.noise * 255, img.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def render_scene(world, split, index, objs):
+    """Pixels of scene `index` of `split` showing `objs` (its own, or an edit of them)."""
+    return add_noise(world, split, index, render(world, objs))
+
+
 def _scene(world, split, index):
     objs = sample_scene(world, split, index)
-    return render(world, objs), objs
+    return render_scene(world, split, index, objs), objs
 
 
 class ShapesSplit:

@@ -11,7 +11,7 @@ from common import UserError
 from data import stream_indices
 from data.images import load_folder, load_image, prepare_cifar10
 from data.shapes import (COLOUR_NAMES, NUMBERS, SHAPES, SIZES, ShapesSplit, World, caption, position_name,
-                         questions, render, sample_scene)
+                         questions, render, render_scene, sample_scene)
 
 
 def test_scene_is_a_pure_function_of_seed_split_index(tmp_path):
@@ -27,6 +27,22 @@ def test_scene_is_a_pure_function_of_seed_split_index(tmp_path):
     assert np.array_equal(split.images[5], a[0])
     again = ShapesSplit(w, "train", 12, cache_dir=tmp_path, verbose=False)  # from the cache
     assert np.array_equal(again.images, split.images) and len(list(tmp_path.iterdir())) == 3  # + manifest
+
+
+def test_noise_knob_changes_pixels_only_deterministically(tmp_path):
+    clean, noisy = World(), World(noise=0.03)
+    for i in range(5):
+        assert np.array_equal(sample_scene(clean, "ood", i), sample_scene(noisy, "ood", i))  # same scene
+    objs = sample_scene(noisy, "train", 3)
+    a, b = render_scene(noisy, "train", 3, objs), render_scene(noisy, "train", 3, objs)
+    assert np.array_equal(a, b)  # the grain is the scene's own
+    assert not np.array_equal(a, render_scene(noisy, "train", 4, objs))
+    diff = a.astype(float) - render(clean, objs)
+    background = (render(clean, objs) == (24, 24, 32)).all(-1)  # 3 std above black: hardly clipped
+    assert abs(diff[background].std() / 255 - 0.03) < 0.003 and abs(diff[background].mean()) < 1
+    assert np.array_equal(render_scene(clean, "train", 3, objs), render(clean, objs))
+    split = ShapesSplit(noisy, "train", 4, cache_dir=tmp_path, verbose=False)
+    assert np.array_equal(split.images[3], a) and np.array_equal(split.scene(3), objs)
 
 
 def test_render_draws_each_object_in_its_cell_and_colour():
