@@ -1,0 +1,315 @@
+"""Hallucination's causes, where the shapes world makes them exact: edits of a scene, and the layers.
+
+    BEAF (Ye-Bin et al. 2024)    render a scene again with one object removed and ask "is there a
+                                 {removed}?" before and after, and about an object left alone. True
+                                 Understanding = yes before, no after; IGnorance = wrong both times;
+                                 StuBbornness = the same answer both times; InDecision = the answer
+                                 about the unchanged object flips. Removals are split into the missing
+                                 partner of a present trigger (what the prior expects) and any other.
+    The layers                   at the answer position of "is there a {shape}?", each layer's state
+                                 read by the logit lens (the final norm and the tied head: P(yes) vs
+                                 P(no)) and by a linear probe trained on training scenes ("The First
+                                 to Know"; DeCo): does an earlier layer know what the last one says
+                                 wrong?
+    The map                      `python causes.py [--key=value ...]`: the study's VLM (the default
+                                 recipe, the tower from the MAE) trained on a grid of worlds, the
+                                 co-occurrence bias x the pixel noise (the perception knob), one
+                                 budget for every cell; per cell sight (`ood` existence), POPE,
+                                 the partner-yes rate, CHAIR_i and BEAF. Each cell's checkpoint and
+                                 figures are kept: a second run resumes where the first stopped.
+"""
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vlm
+from checkpoints import load_checkpoint, load_model
+from common import UserError, at_least, check_writable, pick_device, pyplot, savefig
+from config import cli, config_help, parse_overrides, usage
+from data import to_tensor
+from data.shapes import PARTNER, SHAPES, exist_question, render_scene
+from decoding import METHODS, decode
+from hallucination import StudyConfig, chair_run, pope_run
+from measures import answer_questions, parse_yes_no, shape_stats
+
+# ---------------------------------------------------------------------------------------------
+# BEAF: before and after an exact edit
+
+
+def beaf_edits(shapes_split, n_scenes, seed):
+    """-> [(scene, removed row, kept row, kind)]: per scene at most one partner removal (an object whose
+    shape is the partner of another present shape, and the only one of its shape) and one random removal
+    (any other object alone of its shape), each with another object left alone to ask about."""
+    rng = np.random.default_rng([seed, 11])
+    edits = []
+    for i in rng.permutation(len(shapes_split)).tolist():
+        objs = shapes_split.scene(i)
+        shapes = objs[:, 0].tolist()
+        alone = [k for k, s in enumerate(shapes) if shapes.count(s) == 1 and len(objs) > 1]
+        partner = [k for k in alone if any(PARTNER[t] == shapes[k] for t in shapes)]
+        other = [k for k in alone if k not in partner]
+        for kind, rows in (("partner", partner), ("random", other)):
+            if rows:
+                k = int(rng.choice(rows))
+                kept = [j for j in range(len(objs)) if shapes[j] != shapes[k]]
+                edits.append((i, k, int(rng.choice(kept)), kind))
+        if len({e[0] for e in edits}) >= n_scenes:
+            break
+    return edits
+
+
+def removed_images(world, split, shapes_split, edits):
+    """The scenes of `edits` drawn again without their removed object: uint8 (E, H, W, 3)."""
+    out = []
+    for scene, k, _, _ in edits:
+        objs = shapes_split.scene(scene)
+        out.append(render_scene(world, split, scene, np.delete(objs, k, axis=0)))
+    return np.stack(out)
+
+
+@torch.no_grad()
+def ask(model, data, images, shapes, sc, device, batch_size=200):
+    """Greedy answers to "is there a {shape}?" about each image: 'yes', 'no' or None (unparsable)."""
+    answers = []
+    for k in range(0, len(shapes), batch_size):
+        questions = [(exist_question(s), "") for s in shapes[k:k + batch_size]]
+        prompt = data.encode([q for q, _ in questions], left_pad=True).to(device)
+        imgs = to_tensor(images[k:k + batch_size], device)
+        tokens = decode(model, imgs, prompt, METHODS["greedy"], sc, 3, torch.Generator())[0]
+        answers += [parse_yes_no(t) for t in model.texts(tokens)]
+    return answers
+
+
+def beaf_answers(model, data, split, edits, sc, device):
+    """-> one record per edit: the answers about the removed and the kept object, before and after."""
+    shapes_split = data.shapes[split]
+    before = np.stack([shapes_split.images[e[0]] for e in edits])
+    after = removed_images(data.world, split, shapes_split, edits)
+    removed = [int(shapes_split.scene(e[0])[e[1], 0]) for e in edits]
+    kept = [int(shapes_split.scene(e[0])[e[2], 0]) for e in edits]
+    images = np.concatenate([before, after, before, after])
+    a = ask(model, data, images, removed + removed + kept + kept, sc, device)
+    E = len(edits)
+    return [{"scene": e[0], "kind": e[3], "removed": removed[j], "kept": kept[j], "before": a[j],
+             "after": a[E + j], "kept_before": a[2 * E + j], "kept_after": a[3 * E + j]}
+            for j, e in enumerate(edits)]
+
+
+def beaf_measures(records):
+    """BEAF's four measures and its F1 of TU and (1 - ID), over records (each a removal)."""
+    n = max(1, len(records))
+    tu = sum(r["before"] == "yes" and r["after"] == "no" for r in records) / n
+    ig = sum(r["before"] == "no" and r["after"] == "yes" for r in records) / n
+    sb = sum(r["before"] is not None and r["before"] == r["after"] for r in records) / n
+    indecision = sum(r["kept_before"] != r["kept_after"] for r in records) / n
+    f1 = 2 * tu * (1 - indecision) / (tu + 1 - indecision) if tu + 1 - indecision > 0 else 0.0
+    return {"TU": tu, "IG": ig, "SB": sb, "ID": indecision, "F1": f1, "n": len(records)}
+
+
+def beaf_table(records):
+    """{'partner': measures, 'random': measures, 'all': measures}"""
+    out = {kind: beaf_measures([r for r in records if r["kind"] == kind]) for kind in ("partner", "random")}
+    out["all"] = beaf_measures(records)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers: logit lens and linear probes at the answer position
+
+@torch.no_grad()
+def answer_states(model, images, prompt):
+    """The state at the position that predicts the answer's first token, after the embedding and after
+    each block -> (n_layer + 1, B, D)."""
+    empty = prompt[:, :0]
+    x, key_valid, n_prefix = model.sequence(images, prompt, empty)  # (B, S, D)
+    mask = vlm.prefix_lm_mask(key_valid, n_prefix)
+    states = [x[:, -1]]
+    for blk in model.blocks:
+        x = blk(x, attn_mask=mask)
+        states.append(x[:, -1])
+    return torch.stack(states)  # (L + 1, B, D)
+
+
+def logit_lens(model, states):
+    """(L + 1, B, D) states -> (L + 1, B, V) logits: the final norm and the tied head applied to each."""
+    return model.ln_f(states) @ model.wte.weight.T + model.head_bias  # (L + 1, B, V)
+
+
+def lens_says_yes(model, states):
+    """(L + 1, B) bool: does each layer's lens put P(yes) above P(no)?"""
+    yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
+    logits = logit_lens(model, states)
+    return logits[..., yes] > logits[..., no]
+
+
+def train_probe(x, y, steps=300, lr=0.1, weight_decay=1e-3):
+    """Logistic regression on standardised features: x (N, D), y (N,) in {0, 1} -> a function that
+    maps (M, D) to P(y = 1)."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    z = (x - mean) / std
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w, b = w.detach(), b.detach()
+
+    def predict(x_new):
+        return torch.sigmoid(((x_new - mean) / std) @ w + b)
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------
+# The map: the prior x perception
+
+
+@dataclass
+class MapConfig:
+    cooccur: str = "0,0.5,0.9"   # the grid: co-occurrence strengths (data/shapes.py) ...
+    noise: str = "0,0.2,0.4"     # ... x pixel noise std (a fraction of 255)
+    seeds: int = 1               # training seeds per cell (3 for the spreads the reading relies on)
+    max_iters: int = 600         # every cell's VLM budget, the same for all
+    n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
+    config: str = ""             # a config file for every cell's `train.py vlm` (a smaller model, say)
+    out_dir: str = "out-causes"
+    device: str = "auto"
+
+    def __post_init__(self):
+        at_least(self, 1, "seeds", "max_iters", "n_scenes")
+        for key in ("cooccur", "noise"):
+            try:
+                values = [float(v) for v in getattr(self, key).split(",")]
+            except ValueError:
+                raise UserError(f"--{key}={getattr(self, key)}: give numbers separated by commas") from None
+            if any(v < 0 or (key == "cooccur" and v > 1) for v in values):
+                raise UserError(f"--{key}={getattr(self, key)}: out of range")
+        if self.config and not Path(self.config).is_file():
+            raise UserError(f"--config={self.config}: no such file")
+
+    def cells(self):
+        return [(c, n) for c in self.cooccur.split(",") for n in self.noise.split(",")]
+
+
+def cell_dir(mc, cooccur, noise, seed):
+    return Path(mc.out_dir) / f"cooccur{cooccur}-noise{noise}-seed{seed}"
+
+
+def train_cell(mc, cooccur, noise, seed):
+    """The cell's VLM, trained (or finished) in its folder; the MAE is shared: out_dir/out-mae."""
+    import train  # the study's deliberate use of the loop: it trains its own models
+    folder = cell_dir(mc, cooccur, noise, seed)
+    if (folder / "ckpt.pt").exists():
+        ckpt = load_checkpoint(folder / "ckpt.pt", "vlm")
+        if ckpt["iter"] >= ckpt["config"]["train"]["max_iters"]:
+            return folder
+        args = ["vlm", "--init_from=resume", f"--out_dir={folder}"]
+    else:
+        args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}", f"--max_iters={mc.max_iters}",
+                f"--seed={1337 + seed}", f"--out_dir={folder}"]
+    print(f"cell cooccur={cooccur} noise={noise} seed={seed}: python train.py {' '.join(args)}", flush=True)
+    train.main(args)
+    return folder
+
+
+@torch.no_grad()
+def partner_yes(model, data, n_scenes, device):
+    """On val scenes with a trigger whose partner is absent: the 'yes' rate about that partner and about
+    a random absent shape that is no partner of anything present -> (partner rate, random rate)."""
+    rng = np.random.default_rng(5)
+    val, images, asked = data.shapes["val"], [], []
+    for i in range(len(val)):
+        shapes = set(val.scene(i)[:, 0].tolist())
+        missing = [PARTNER[t] for t in shapes if PARTNER[t] not in shapes]
+        plain = [s for s in range(len(SHAPES)) if s not in shapes and s not in missing]
+        if missing and plain:
+            images += [val.images[i]] * 2
+            asked += [int(rng.choice(missing)), int(rng.choice(plain))]
+        if len(asked) >= 2 * n_scenes:
+            break
+    said = ask(model, data, np.stack(images), asked, StudyConfig(), device)
+    return float(np.mean([a == "yes" for a in said[0::2]])), float(np.mean([a == "yes" for a in said[1::2]]))
+
+
+def cell_figures(model, data, mc, device):
+    sc = StudyConfig(n_scenes=min(mc.n_scenes, len(data.shapes["val"]) // 2), seeds=1)
+    stats = shape_stats(data.shapes["train"])
+    gen = torch.Generator().manual_seed(0)
+    pope, _ = pope_run(model, data, "greedy", METHODS["greedy"], sc, 0, stats, gen, device)
+    out = {"ood_exist": answer_questions(model, data, "ood", device, kinds=("exist",))["all"]}
+    out.update({k: v for k, v in pope.items() if "prob" not in k and k.endswith(("accuracy", "f1"))})
+    out["f1_gap"] = out["pope_random_f1"] - out["pope_adversarial_f1"]
+    out["partner_yes"], out["random_absent_yes"] = partner_yes(model, data, sc.n_scenes, device)
+    out["chair_i"] = chair_run(model, data, METHODS["greedy"], sc, 0, gen, device)["chair_i"]
+    beaf = beaf_table(beaf_answers(model, data, "val", beaf_edits(data.shapes["val"], sc.n_scenes, 0), sc,
+                                   device))
+    out.update({f"beaf_{kind}_{k}": v for kind, m in beaf.items() for k, v in m.items()})
+    return out
+
+
+def measure_cell(mc, folder, device):
+    """The cell's figures, from figures.json when it was measured from this very checkpoint."""
+    cached = folder / "figures.json"
+    stamp = (folder / "ckpt.pt").stat().st_mtime_ns
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        if saved.get("ckpt_mtime_ns") == stamp and saved.get("config") == asdict(mc):
+            return saved["figures"]
+    _, model, cfg, ckpt = load_model("vlm", folder / "ckpt.pt", device)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    figures = cell_figures(model, data, mc, device)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": asdict(mc), "ckpt_mtime_ns": stamp, "figures": figures}, indent=1))
+    tmp.replace(cached)
+    return figures
+
+
+PANELS = (("ood_exist", "sight: ood existence"), ("f1_gap", "POPE F1, random - adversarial"),
+          ("partner_yes", "yes to a missing partner"), ("random_absent_yes", "yes to a random absent shape"))
+
+
+def plot_map(mc, grid, path):
+    """grid: {(cooccur, noise): [figures per seed]} -> heat maps, one per panel, mean over seeds."""
+    cs, ns = mc.cooccur.split(","), mc.noise.split(",")
+    fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    for ax, (key, title) in zip(axes, PANELS):
+        m = np.array([[np.mean([f[key] for f in grid[(c, n)]]) for n in ns] for c in cs])
+        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto")
+        for (r, c), v in np.ndenumerate(m):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < m.max() * 0.6 else "k")
+        ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
+               xlabel="pixel noise", ylabel="co-occurrence", title=title)
+    savefig(fig, path)
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        return usage(__doc__.split("\n\n")[0] + "\n" + config_help(MapConfig), argv)
+    mc = MapConfig(**parse_overrides(argv, MapConfig))
+    device, out_dir = pick_device(mc.device), Path(mc.out_dir)
+    check_writable(out_dir)
+    grid, t0 = {}, time.time()
+    for cooccur, noise in mc.cells():
+        for seed in range(mc.seeds):
+            folder = train_cell(mc, cooccur, noise, seed)
+            f = measure_cell(mc, folder, device)
+            grid.setdefault((cooccur, noise), []).append(f)
+            print(f"cell cooccur={cooccur} noise={noise} seed={seed}: sight {f['ood_exist']:.3f} | POPE F1 "
+                  f"random {f['pope_random_f1']:.3f} adversarial {f['pope_adversarial_f1']:.3f} | partner "
+                  f"yes {f['partner_yes']:.3f} vs random {f['random_absent_yes']:.3f}", flush=True)
+    (out_dir / "map.json").write_text(json.dumps({"config": asdict(mc), "cells": {
+        f"{c},{n}": v for (c, n), v in grid.items()}}, indent=1))
+    plot_map(mc, grid, out_dir / "map.png")
+    print(f"wrote map.json and map.png to {out_dir} in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

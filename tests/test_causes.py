@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import causes
+import vlm
+from data.shapes import PARTNER, render_scene
+from hallucination import StudyConfig
+from tests.conftest import VLM_TINY, run
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = vlm.Config(**{**VLM_TINY, "n_train": 200, "n_eval": 60, "cooccur": 0.9, "noise": 0.05})
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    return vlm.VLM(cfg, data.tok).eval(), data
+
+
+def test_a_removal_changes_only_that_objects_cell(tiny):
+    _, data = tiny
+    val = data.shapes["val"]
+    edits = causes.beaf_edits(val, 20, seed=0)
+    assert {e[3] for e in edits} == {"partner", "random"}
+    after = causes.removed_images(data.world, "val", val, edits)
+    cell = data.world.img_size / data.world.grid
+    for (scene, k, kept, kind), img in zip(edits, after):
+        objs = val.scene(scene)
+        shapes = objs[:, 0].tolist()
+        assert shapes.count(shapes[k]) == 1 and shapes[kept] != shapes[k]
+        assert (kind == "partner") == any(PARTNER[t] == shapes[k] for t in shapes)
+        changed = np.nonzero((img != val.images[scene]).any(-1))
+        row, col = divmod(int(objs[k, 3]), data.world.grid)
+        assert len(changed[0]) > 0
+        assert changed[0].min() >= int(row * cell) - 1 and changed[0].max() <= int((row + 1) * cell) + 1
+        assert changed[1].min() >= int(col * cell) - 1 and changed[1].max() <= int((col + 1) * cell) + 1
+        again = render_scene(data.world, "val", scene, objs)  # the same grain: only the object went
+        assert np.array_equal(again, val.images[scene])
+
+
+def test_beaf_measures_by_hand():
+    def rec(before, after, kb, ka, kind="partner"):
+        return {"before": before, "after": after, "kept_before": kb, "kept_after": ka, "kind": kind}
+    records = [rec("yes", "no", "yes", "yes"),   # understood
+               rec("yes", "yes", "yes", "yes"),  # stubborn
+               rec("no", "no", "yes", "no"),     # stubborn, and the kept object's answer flipped
+               rec("no", "yes", "yes", "yes", "random")]  # ignorant: wrong both times
+    m = causes.beaf_measures(records)
+    assert (m["TU"], m["IG"], m["SB"], m["ID"]) == (0.25, 0.25, 0.5, 0.25)
+    assert m["F1"] == pytest.approx(2 * 0.25 * 0.75 / (0.25 + 0.75))
+    table = causes.beaf_table(records)
+    assert table["partner"]["n"] == 3 and table["random"]["IG"] == 1.0 and table["all"]["n"] == 4
+
+
+def test_beaf_answers_ask_before_and_after(tiny):
+    model, data = tiny
+    edits = causes.beaf_edits(data.shapes["val"], 4, seed=1)
+    records = causes.beaf_answers(model, data, "val", edits, StudyConfig(), "cpu")
+    assert len(records) == len(edits)
+    assert all(r[k] in ("yes", "no", None) for r in records for k in ("before", "after", "kept_before"))
+
+
+def test_logit_lens_at_the_last_layer_is_the_models_own_answer(tiny):
+    model, data = tiny
+    b = data.make_batch("val", np.arange(4), [("is there a star?", "")] * 4, "cpu")
+    images = vlm.row_images(b)
+    states = causes.answer_states(model, images, b["prompt"])
+    assert states.shape == (len(model.blocks) + 1, 4, model.cfg.n_embd)
+    with torch.no_grad():
+        lens = causes.logit_lens(model, states)[-1]
+        own = model.logits(images, b["prompt"], b["prompt"][:, :0])[:, -1]
+    finite = torch.isfinite(own)
+    assert torch.allclose(lens[finite], own[finite], atol=1e-4)
+    assert causes.lens_says_yes(model, states).shape == (len(model.blocks) + 1, 4)
+
+
+def test_probe_separates_a_separable_set():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 16, generator=g)
+    score = x[:, 3] - 0.5 * x[:, 7] - 0.2
+    x = x[score.abs() > 0.3][:400]  # separable with a margin
+    y = (x[:, 3] - 0.5 * x[:, 7] > 0.2).long()
+    predict = causes.train_probe(x[:300], y[:300])
+    acc = ((predict(x[300:]) > 0.5).long() == y[300:]).float().mean()
+    assert acc > 0.97
+    shuffled = causes.train_probe(x[:300], y[torch.randperm(300, generator=g)])  # no signal: chance
+    assert ((shuffled(x[300:]) > 0.5).long() == y[300:]).float().mean() < 0.8
+
+
+def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
+    conf = tmp_path / "tiny.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in VLM_TINY.items()) + "batch_size = 4\neval_iters = 1\n")
+    args = ["causes.py", "--cooccur=0,0.9", "--noise=0.3", "--max_iters=2", "--n_scenes=6",
+            f"--config={conf}", f"--out_dir={tmp_path / 'map'}"]
+    first = run(*args)
+    assert first.stdout.count("python train.py vlm") == 2
+    grid = json.loads((tmp_path / "map/map.json").read_text())["cells"]
+    assert set(grid) == {"0,0.3", "0.9,0.3"} and 0 <= grid["0.9,0.3"][0]["partner_yes"] <= 1
+    ckpt = tmp_path / "map/cooccur0.9-noise0.3-seed0/ckpt.pt"
+    assert torch.load(ckpt, weights_only=True)["config"]["model"]["noise"] == 0.3
+    stamp = ckpt.stat().st_mtime_ns
+    second = run(*args)
+    assert "python train.py" not in second.stdout and ckpt.stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "map/map.json").read_text())["cells"] == grid  # from the cached figures
+    assert (tmp_path / "map/map.png").stat().st_size > 0
