@@ -167,6 +167,70 @@ def train_probe(x, y, steps=300, lr=0.1, weight_decay=1e-3):
     return predict
 
 
+def existence_items(shapes_split, n_scenes, seed):
+    """-> [(scene, shape, truth, is_partner)]: per scene a present shape, a missing partner of a present
+    trigger (where there is one) and a random absent shape."""
+    rng = np.random.default_rng([seed, 13])
+    items = []
+    for i in range(min(n_scenes, len(shapes_split))):
+        shapes = set(shapes_split.scene(i)[:, 0].tolist())
+        missing = [PARTNER[t] for t in shapes if PARTNER[t] not in shapes]
+        absent = [s for s in range(len(SHAPES)) if s not in shapes]
+        items.append((i, int(rng.choice(sorted(shapes))), True, False))
+        if missing:
+            items.append((i, int(rng.choice(missing)), False, True))
+        if absent:
+            items.append((i, int(rng.choice(absent)), False, False))
+    return items
+
+
+@torch.no_grad()
+def states_of(model, data, split, items, device, batch_size=256):
+    """Answer-position states of "is there a {shape}?" for items -> (L + 1, N, D)."""
+    out = []
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        questions = [(exist_question(c[1]), "") for c in chunk]
+        b = data.make_batch(split, np.array([c[0] for c in chunk]), questions, device)
+        out.append(answer_states(model, vlm.row_images(b), b["prompt"]).cpu())
+    return torch.cat(out, dim=1)
+
+
+def layer_report(model, data, device, n_train=2000, n_val=500):
+    """Per layer: the logit lens's and a linear probe's existence accuracy on val questions, on all of
+    them and on those the model's output gets wrong -> {name: [accuracy per layer]}."""
+    train_items = existence_items(data.shapes["train"], n_train, 0)
+    val_items = existence_items(data.shapes["val"], n_val, 1)
+    x_train, x_val = states_of(model, data, "train", train_items, device), states_of(model, data, "val",
+                                                                                    val_items, device)
+    y_train = torch.tensor([c[2] for c in train_items])
+    y_val = torch.tensor([c[2] for c in val_items])
+    lens = lens_says_yes(model, x_val.to(device)).cpu()  # (L + 1, N)
+    wrong = lens[-1] != y_val  # what the model itself says wrong
+    partner = torch.tensor([c[3] for c in val_items])
+    probe = torch.stack([train_probe(x_train[l], y_train)(x_val[l]) > 0.5 for l in range(len(x_val))])
+    report = {}
+    for name, said in (("lens", lens), ("probe", probe)):
+        right = said == y_val  # (L + 1, N)
+        report[f"{name}, all"] = right.float().mean(1).tolist()
+        report[f"{name}, missing partners"] = right[:, partner].float().mean(1).tolist()
+        report[f"{name}, where the output is wrong"] = right[:, wrong].float().mean(1).tolist()
+    report["n_wrong"] = int(wrong.sum())
+    return report
+
+
+def plot_layers(report, path):
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for name, accs in report.items():
+        if name != "n_wrong":
+            ax.plot(accs, "o-" if name.startswith("probe") else "s--", label=name)
+    ax.set(xlabel="layer (0 = embeddings)", ylabel="existence accuracy", ylim=(0, 1.02))
+    ax.axhline(0.5, color="gray", lw=1, ls=":")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    savefig(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The map: the prior x perception
 
@@ -179,6 +243,7 @@ class MapConfig:
     max_iters: int = 600         # every cell's VLM budget, the same for all
     n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
     config: str = ""             # a config file for every cell's `train.py vlm` (a smaller model, say)
+    ckpt: str = ""               # given: BEAF and the layers of this VLM, instead of the map
     out_dir: str = "out-causes"
     device: str = "auto"
 
@@ -212,8 +277,8 @@ def train_cell(mc, cooccur, noise, seed):
             return folder
         args = ["vlm", "--init_from=resume", f"--out_dir={folder}"]
     else:
-        args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}", f"--max_iters={mc.max_iters}",
-                f"--seed={1337 + seed}", f"--out_dir={folder}"]
+        args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
+                f"--max_iters={mc.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
     print(f"cell cooccur={cooccur} noise={noise} seed={seed}: python train.py {' '.join(args)}", flush=True)
     train.main(args)
     return folder
@@ -289,12 +354,31 @@ def plot_map(mc, grid, path):
     savefig(fig, path)
 
 
+def one_model(mc, device, out_dir):
+    """BEAF and the layer reading of one VLM -> out_dir/beaf_layers.json and layers.png."""
+    _, model, cfg, ckpt = load_model("vlm", mc.ckpt, device)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    edits = beaf_edits(data.shapes["val"], mc.n_scenes, 0)
+    beaf = beaf_table(beaf_answers(model, data, "val", edits, StudyConfig(), device))
+    report = layer_report(model, data, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "beaf_layers.json").write_text(json.dumps({"beaf": beaf, "layers": report}, indent=1))
+    plot_layers(report, out_dir / "layers.png")
+    for kind, m in beaf.items():
+        figures = " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
+        print(f"BEAF {kind:<8} {figures} | n {m['n']}")
+    print(f"wrote beaf_layers.json and layers.png to {out_dir}")
+    return 0
+
+
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(MapConfig), argv)
     mc = MapConfig(**parse_overrides(argv, MapConfig))
     device, out_dir = pick_device(mc.device), Path(mc.out_dir)
     check_writable(out_dir)
+    if mc.ckpt:
+        return one_model(mc, device, out_dir)
     grid, t0 = {}, time.time()
     for cooccur, noise in mc.cells():
         for seed in range(mc.seeds):
