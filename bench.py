@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from checkpoints import load_model
-from common import UserError, at_least, choices_text, cpu_name, fmt_mib, peak_memory_mib, pick_device
+from common import UserError, at_least, choices_text, device_name, fmt_mib, peak_memory_mib, pick_device
 from config import cli, config_help, parse_overrides, usage
 from train import TrainConfig
 
@@ -68,7 +68,7 @@ def train_rows(idea, rows, bc, device):
     """Print training throughput and peak memory of each (name, config); -> items/s of the first."""
     module = __import__(idea)
     bs = module.train_defaults["batch_size"]
-    print(f"device {device} ({cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}), batch {bs}, "
+    print(f"device {device} ({device_name(device)}), batch {bs}, "
           f"{torch.get_num_threads()} threads, {bc.steps} steps per row\n")
     print(f"{'config':<44}{'train ' + module.Data.unit + '/s':>16}{'peak memory':>14}")
     speeds = []
@@ -188,9 +188,9 @@ def bench_vlm(bc):
         b = data.make_batch("val", np.arange(bs), [(vlm.CAPTION_PROMPT, "")] * bs, device)
         speed = {}
         for cache in (True, False):
-            vlm.generate(model, vlm.row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
+            model.generate(vlm.row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
             t0 = time.perf_counter()
-            out = vlm.generate(model, vlm.row_images(b), b["prompt"], 32, use_cache=cache)
+            out = model.generate(vlm.row_images(b), b["prompt"], 32, use_cache=cache)
             speed[cache] = out.numel() / (time.perf_counter() - t0)
         print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | "
               f"recomputing {speed[False]:>8,.0f} tokens/s"
@@ -268,7 +268,7 @@ def bench_hallucination(bc):
     pope = data.make_batch("val", np.array([q[0] for q in qs]), [(exist_question(q[1]), "") for q in qs],
                            device)
     caps = data.make_batch("val", np.arange(n_captions), [(vlm.CAPTION_PROMPT, "")] * n_captions, device)
-    print(f"device {device} ({cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}), "
+    print(f"device {device} ({device_name(device)}), "
           f"{torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and {n_captions} "
           f"captions "
           f"({sc.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\nround running "

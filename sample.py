@@ -192,7 +192,7 @@ def sample_vlm(sc):
             print(f"  most likely: {answers[-1]}")
     else:
         prompt_ids = data.encode([prompt] * len(names), left_pad=True).to(device)
-        out = vlm.generate(model, imgs, prompt_ids, 40, sc.temperature, sc.top_k)
+        out = model.generate(imgs, prompt_ids, 40, sc.temperature, sc.top_k)
         answers = model.texts(out)
         for name, a in zip(names, answers):
             print(f"{name}: {a}")

@@ -43,8 +43,7 @@ class Config:
     n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
     n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
     n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
-    vision_n_layer: int = 4      # the vision tower: mae.ViTEncoder, the same shapes as `train.py mae`;
-                                 # 0 = no encoder: patch embedding and positions, then the fused stack
+    vision_n_layer: int = 4      # the tower (mae.ViTEncoder, train.py mae's shapes); 0 = patches straight in
     vision_n_head: int = 4
     vision_n_embd: int = 128
     merge: int = 2               # pixel shuffle: each k x k patches become one image token (nanoVLM)
@@ -95,6 +94,8 @@ def requires(cfg, out_dir):
     """--init_vision=auto: the MAE of `train.py mae` (its shapes fitted to this tower) beside out_dir,
     as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another -> the runs train.py makes
     first, [(idea, args)], none where a finished one is there; cfg.init_vision becomes its path."""
+    if cfg.init_vision == "auto" and cfg.vision_n_layer == 0:  # encoder-free: no tower to start
+        cfg.init_vision = "none"
     if cfg.init_vision != "auto":
         return []
     mc = mae_config(cfg)
@@ -328,7 +329,6 @@ def cat_states(a, b):
 
 
 Model = VLM
-generate = VLM.generate  # vlm.generate(model, images, prompt, ...): the same, called on a model
 Data = ShapesPairs  # the shapes world's images with captions and questions (data/pairs.py)
 
 

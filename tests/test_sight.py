@@ -61,7 +61,8 @@ def test_joint_objective_is_the_vlm_loss_plus_the_mae_loss(tiny):
 def test_encoder_free_reads_embedded_patches_and_overfits(tiny):
     _, data = tiny
     torch.manual_seed(0)
-    cfg = vlm.Config(**{**VLM_TINY, "vision_n_layer": 0, "n_layer": 3})
+    cfg = vlm.Config(**{**VLM_TINY, "vision_n_layer": 0, "n_layer": 3, "init_vision": "auto"})
+    assert vlm.requires(cfg, "out-vlm") == [] and cfg.init_vision == "none"  # no tower: no MAE first
     model = vlm.VLM(cfg, data.tok)
     assert len(model.vision.blocks) == 0
     b = data.batch("train", 0, 8, "cpu")

@@ -25,17 +25,17 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
         model.head_bias.normal_(0, 3)
     b = data.batch("val", 0, 6, "cpu")  # questions and captions: prompts of different lengths
     assert (b["prompt"] == data.tok.pad_id).any()
-    cached = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, use_cache=True)
-    full = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, use_cache=False)
+    cached = model.generate(vlm.row_images(b), b["prompt"], 12, use_cache=True)
+    full = model.generate(vlm.row_images(b), b["prompt"], 12, use_cache=False)
     assert cached.shape[1] > 3 and torch.equal(cached, full)
     torch.manual_seed(1)
-    a = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5)
+    a = model.generate(vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5)
     torch.manual_seed(1)
-    c = vlm.generate(model, vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
+    c = model.generate(vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
     assert torch.equal(a, c)
     # a row alone gets the same answer as in the padded batch
     first_real = (b["prompt"][2] != data.tok.pad_id).int().argmax()
-    alone = vlm.generate(model, vlm.row_images(b)[2:3], b["prompt"][2:3][:, first_real:], 12)
+    alone = model.generate(vlm.row_images(b)[2:3], b["prompt"][2:3][:, first_real:], 12)
     assert torch.equal(alone[0], cached[2, :alone.shape[1]])
 
 
@@ -112,7 +112,7 @@ def test_tiny_vlm_overfits_a_batch():
         opt.step()
     assert loss.item() < 0.05 and metrics["acc"] == 1.0
     model.eval()
-    out = vlm.generate(model, vlm.row_images(b), b["prompt"], b["answer"].shape[1])
+    out = model.generate(vlm.row_images(b), b["prompt"], b["answer"].shape[1])
     for ids, answer in zip(out.tolist(), b["answer"].tolist()):
         n = answer.index(data.tok.eot_id) + 1
         assert ids[:n] == answer[:n]
