@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo's modules, whatever folder pytest is started from
 
@@ -23,6 +25,17 @@ MLM_ARGS = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", 
 VLM_TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
                 vision_n_embd=32, n_layer=2, n_head=2, n_embd=32, init_vision="none")  # no MAE first
 VLM_ARGS = as_args(VLM_TINY)
+
+
+def overfit(model, batch, steps, lr=3e-3):
+    """AdamW on one batch for `steps` steps -> the last (loss, metrics)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss, metrics = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss, metrics
 
 
 def run(*args, check=True, env=None, timeout=300):

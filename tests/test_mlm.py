@@ -9,6 +9,7 @@ import torch
 from data import text
 from data.bpe import PAT, SPECIALS, Tokenizer, merge, train_bpe
 from mlm import MLM, Config, diffusion_mask, mask_tokens, unmask
+from tests.conftest import overfit
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare.txt"
 TEXT = "the cat sat on the mat. the dog sat on the log! a cat, a dog, a hat; thee and thou. " * 20
@@ -135,12 +136,7 @@ def test_tiny_mlm_overfits_a_batch():
     cfg = Config(block_size=32, n_layer=2, n_embd=64, n_head=4, mask_prob=0.3)
     model = MLM(cfg, tok)
     ids = torch.tensor([tok.encode(TEXT[i:i + 32]) for i in range(0, 256, 32)])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(300):
-        loss, metrics = model(ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    overfit(model, ids, 300)
     model.cfg.mask_prob = 0.15
     torch.manual_seed(1)
     loss, metrics = model(ids)

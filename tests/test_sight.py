@@ -8,7 +8,7 @@ import torch
 import mae
 import vlm
 from checkpoints import load_checkpoint
-from tests.conftest import VLM_ARGS, VLM_TINY, run
+from tests.conftest import VLM_ARGS, VLM_TINY, overfit, run
 
 AUTO = [a for a in VLM_ARGS if not a.startswith("--init_vision")]  # the default: --init_vision=auto
 SHORT = ["--batch_size=4", "--max_iters=2", "--eval_iters=1"]
@@ -67,12 +67,7 @@ def test_encoder_free_reads_embedded_patches_and_overfits(tiny):
     assert len(model.vision.blocks) == 0
     b = data.batch("train", 0, 8, "cpu")
     assert model.image_tokens(b["images"]).shape == (len(b["images"]), data.image_len(), cfg.n_embd)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, metrics = model(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss, metrics = overfit(model, b, 150)
     assert loss.item() < 0.1 and metrics["acc"] > 0.98
 
 

@@ -8,7 +8,7 @@ import vlm
 from checkpoints import load_checkpoint
 from common import UserError
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
-from tests.conftest import VLM_ARGS, VLM_TINY, run
+from tests.conftest import VLM_ARGS, VLM_TINY, overfit, run
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +104,7 @@ def test_tiny_vlm_overfits_a_batch():
     data = vlm.Data(cfg, seed=0, verbose=False)
     model = vlm.VLM(cfg, data.tok)
     b = data.batch("train", 0, 8, "cpu")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, metrics = model(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss, metrics = overfit(model, b, 150)
     assert loss.item() < 0.05 and metrics["acc"] == 1.0
     model.eval()
     out = model.generate(vlm.row_images(b), b["prompt"], b["answer"].shape[1])
