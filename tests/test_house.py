@@ -36,7 +36,7 @@ def test_lr_schedule_warms_up_then_follows_the_cosine_to_its_floor():
 def test_every_module_imports_without_resource_and_fcntl():
     modules = ["common", "checkpoints", "config", "train", "sample", "bench", "mae", "mlm", "vlm",
                "hallucination", "causes", "cures", "decoding", "measures", "data", "data.shapes",
-               "data.images", "data.text", "data.bpe", "data.pairs"]
+               "data.images", "data.text", "data.bpe", "data.pairs", "data.captioned"]
     code = ("import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None\n"  # as on Windows
             f"import importlib; [importlib.import_module(m) for m in {modules}]\n"
             "import common; assert common.peak_memory_mib() is None and common.fmt_mib(None) == 'n/a'\n"

@@ -1,0 +1,119 @@
+"""A folder of the user's images with their words, read into one list of records.
+
+Three layouts are accepted, found by file name in the folder (the Hugging Face ImageFolder
+convention first):
+    metadata.jsonl       one JSON object a line: {"file_name": "sub/0001.jpg", "caption": "...",
+                         "qa": [{"q": "...", "a": "..."}], "objects": ["dog", "frisbee"], "split": "val"},
+                         every field but file_name optional (a line needs a caption or a qa pair)
+    *.json (LLaVA)       a list of {"image": ..., "conversations": [{"from": "human", "value":
+                         "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}: the turn pairs as qa
+    captions_*.json      COCO: images [{id, file_name}], annotations [{image_id, caption}], and the
+                         categories of instances_*.json beside it as the objects, where present
+Each record: {"file_name", "captions": [...], "qa": [(q, a)], "objects": [...] or None, "split"}.
+Held out: every 10th image (in file-name order) unless a `split` field says otherwise.
+"""
+import json
+from pathlib import Path
+
+from common import UserError
+
+MIN_IMAGES = 10
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def from_metadata(path):
+    records = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise UserError(f"{path}, line {n}: needs a \"file_name\" string")
+        qa = row.get("qa") or []
+        if not isinstance(qa, list) or not all(isinstance(p, dict) and {"q", "a"} <= set(p) for p in qa):
+            raise UserError(f"{path}, line {n}: \"qa\" must be a list of {{\"q\": ..., \"a\": ...}}")
+        caption = row.get("caption")
+        records.append({"file_name": row["file_name"], "captions": [caption] if caption else [],
+                        "qa": [(str(p["q"]), str(p["a"])) for p in qa], "objects": row.get("objects"),
+                        "split": row.get("split"), "where": f"{path}, line {n}"})
+    return records
+
+
+def from_llava(path):
+    items = read_json(path)
+    if not isinstance(items, list):
+        raise UserError(f"{path}: a LLaVA file is a JSON list of {{\"image\", \"conversations\"}} items")
+    records = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or "image" not in item or "conversations" not in item:
+            raise UserError(f"{path}: item {n} is not {{\"image\": ..., \"conversations\": [...]}}")
+        qa = []
+        turns = item["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):  # the first human/gpt pair is enough
+            if human.get("from") == "human" and gpt.get("from") == "gpt":
+                qa.append((human["value"].replace("<image>", "").strip(), gpt["value"].strip()))
+        records.append({"file_name": item["image"], "captions": [], "qa": qa[:1], "objects": None,
+                        "split": None, "where": f"{path}, item {n}"})
+    return records
+
+
+def from_coco(path):
+    coco = read_json(path)
+    names = {im["id"]: im["file_name"] for im in coco.get("images", [])}
+    captions = {}
+    for a in coco.get("annotations", []):
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    objects = {}
+    instances = Path(path).with_name(Path(path).name.replace("captions_", "instances_"))
+    if instances.exists():
+        inst = read_json(instances)
+        category = {c["id"]: c["name"] for c in inst.get("categories", [])}
+        for a in inst.get("annotations", []):
+            objects.setdefault(a["image_id"], set()).add(category[a["category_id"]])
+    return [{"file_name": names[i], "captions": captions.get(i, []), "qa": [],
+             "objects": sorted(objects[i]) if instances.exists() else None, "split": None,
+             "where": f"{path}, image {i}"} for i in sorted(names, key=names.get)]
+
+
+def read_folder(folder):
+    """The folder's records, checked: files exist, objects are lists of strings, text is there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--data_path={folder}: no such folder")
+    coco = sorted(folder.glob("captions_*.json"))
+    llava = sorted(p for p in folder.glob("*.json") if not p.name.startswith(("captions_", "instances_")))
+    if (folder / "metadata.jsonl").exists():
+        records = from_metadata(folder / "metadata.jsonl")
+    elif coco:
+        records = from_coco(coco[0])
+    elif llava:
+        records = from_llava(llava[0])
+    else:
+        raise UserError(f"{folder} has no metadata.jsonl, LLaVA *.json or COCO captions_*.json")
+    for r in records:
+        if not (folder / r["file_name"]).is_file():
+            raise UserError(f"{r['where']}: {r['file_name']} does not exist in {folder}")
+        objs = r["objects"]
+        if objs is not None and not (isinstance(objs, list) and all(isinstance(o, str) for o in objs)):
+            raise UserError(f"{r['where']}: \"objects\" must be a list of strings")
+    usable = [r for r in records if r["captions"] or r["qa"]]
+    if not usable:
+        raise UserError(f"{folder}: no caption and no question-answer pair to train on")
+    if len(usable) < MIN_IMAGES:
+        raise UserError(f"{folder}: {len(usable)} images with text; at least {MIN_IMAGES} are needed")
+    usable.sort(key=lambda r: r["file_name"])
+    for k, r in enumerate(usable):
+        r["split"] = r["split"] or ("val" if k % 10 == 9 else "train")
+        if r["split"] not in ("train", "val"):
+            raise UserError(f"{r['where']}: split {r['split']!r} must be train or val")
+        del r["where"]
+    return usable

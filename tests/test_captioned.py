@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from PIL import Image
+
+from common import UserError
+from data.captioned import read_folder
+from data.shapes import SHAPES, World, caption, render, sample_scene
+
+
+def shapes_folder(folder, n=20):
+    """n shapes-world scenes as PNGs -> [(file name, caption, shape names)]"""
+    w, rows = World(img_size=32), []
+    (folder / "img").mkdir(parents=True)
+    for i in range(n):
+        objs = sample_scene(w, "train", i)
+        name = f"img/{i:04d}.png"
+        Image.fromarray(render(w, objs)).save(folder / name)
+        rows.append((name, caption(objs), sorted({SHAPES[s] for s in objs[:, 0].tolist()})))
+    return rows
+
+
+def test_three_formats_read_the_same_records(tmp_path):
+    rows = shapes_folder(tmp_path / "meta")
+    lines = []
+    for f, c, o in rows:
+        qa = [{"q": "is there a star?", "a": "yes" if "star" in o else "no"}]
+        lines.append({"file_name": f, "caption": c, "qa": qa, "objects": o})
+    (tmp_path / "meta/metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    meta = read_folder(tmp_path / "meta")
+    assert len(meta) == 20 and [r["split"] for r in meta].count("val") == 2
+    assert meta[0]["captions"] == [rows[0][1]] and meta[0]["objects"] == rows[0][2]
+
+    rows = shapes_folder(tmp_path / "llava")
+    llava = [{"image": f, "conversations": [{"from": "human", "value": "<image>\ndescribe the image."},
+                                            {"from": "gpt", "value": c}]} for f, c, _ in rows]
+    (tmp_path / "llava/train.json").write_text(json.dumps(llava))
+    got = read_folder(tmp_path / "llava")
+    assert got[3]["qa"] == [("describe the image.", rows[3][1])] and got[3]["objects"] is None
+
+    rows = shapes_folder(tmp_path / "coco")
+    images = [{"id": i, "file_name": f} for i, (f, _, _) in enumerate(rows)]
+    annotations = [{"image_id": i, "caption": c} for i, (_, c, _) in enumerate(rows)]
+    captions = {"images": images, "annotations": annotations}
+    (tmp_path / "coco/captions_train.json").write_text(json.dumps(captions))
+    cats = [{"id": k, "name": s} for k, s in enumerate(SHAPES)]
+    inst = [{"image_id": i, "category_id": SHAPES.index(s)} for i, (_, _, o) in enumerate(rows) for s in o]
+    (tmp_path / "coco/instances_train.json").write_text(json.dumps({"categories": cats, "annotations": inst}))
+    coco = read_folder(tmp_path / "coco")
+    assert [r["captions"] for r in coco] == [[c] for _, c, _ in rows]
+    assert [r["objects"] for r in coco] == [o for _, _, o in rows]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 3: not JSON"),
+    ('{"file_name": "img/missing.png", "caption": "x"}', "img/missing.png does not exist"),
+    ('{"file_name": "img/0000.png", "caption": "x", "objects": "dog"}', "must be a list of strings"),
+    ('{"caption": "x"}', 'needs a "file_name"'),
+    ('{"file_name": "img/0000.png", "caption": "x", "split": "test"}', "must be train or val"),
+])
+def test_bad_metadata_is_one_clear_error(tmp_path, line, message):
+    rows = shapes_folder(tmp_path)
+    good = [json.dumps({"file_name": f, "caption": c}) for f, c, _ in rows]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(good[:2] + [line] + good[2:]))
+    with pytest.raises(UserError, match=message):
+        read_folder(tmp_path)
+
+
+def test_too_few_images_or_no_text(tmp_path):
+    rows = shapes_folder(tmp_path, n=12)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f}) + "\n" for f, _, _ in rows))
+    with pytest.raises(UserError, match="no caption and no question"):
+        read_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c, _ in rows[:9]))
+    with pytest.raises(UserError, match="at least 10"):
+        read_folder(tmp_path)
