@@ -359,16 +359,16 @@ def plot_runs(out_dirs, path):
         ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
         loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
         init = ckpt["config"]["model"]["init_vision"]
-        mae_metrics = Path(init).parent / "metrics.json"
-        start = 0
+        start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
         if init not in ("", "none", "auto") and mae_metrics.is_file():
             start = json.loads(mae_metrics.read_text())["train_seconds"]
-        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])]
+        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])
+                 if m["iter"] > 0]  # at iteration 0 the model answers neither yes nor no
         if sight:
             sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
     loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
     sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
-    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)
+    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
     for ax in (loss_ax, sight_ax):
         ax.grid(alpha=0.3)
         if ax.lines[1:] or ax is loss_ax:
