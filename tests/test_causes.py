@@ -105,6 +105,10 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     assert "python train.py" not in second.stdout and ckpt.stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "map/map.json").read_text())["cells"] == grid  # from the cached figures
     assert (tmp_path / "map/map.png").stat().st_size > 0
+    one = run("causes.py", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
+    assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
+    beaf = json.loads((tmp_path / "one/beaf_layers.json").read_text())["beaf"]
+    assert set(beaf) == {"partner", "random", "all"}
 
 
 def test_layer_report_reads_every_layer(tiny):
@@ -114,7 +118,3 @@ def test_layer_report_reads_every_layer(tiny):
     assert all(len(v) == L and all(0 <= a <= 1 for a in v) for k, v in report.items() if k != "n_wrong")
     if report["n_wrong"]:  # the lens at the last layer is the output: it is wrong wherever the output is
         assert report["lens, where the output is wrong"][-1] == 0
-    one = run("causes.py", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
-    assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
-    beaf = json.loads((tmp_path / "one/beaf_layers.json").read_text())["beaf"]
-    assert set(beaf) == {"partner", "random", "all"}
