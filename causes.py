@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from checkpoints import load_checkpoint, load_model
+from checkpoints import load_model
 from common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from decoding import METHODS, decode
-from hallucination import StudyConfig, chair_run, pope_run
+from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
 from measures import answer_questions, parse_yes_no, shape_stats
 
 # ---------------------------------------------------------------------------------------------
@@ -269,18 +269,10 @@ def cell_dir(mc, cooccur, noise, seed):
 
 def train_cell(mc, cooccur, noise, seed):
     """The cell's VLM, trained (or finished) in its folder; the MAE is shared: out_dir/out-mae."""
-    import train  # the study's deliberate use of the loop: it trains its own models
     folder = cell_dir(mc, cooccur, noise, seed)
-    if (folder / "ckpt.pt").exists():
-        ckpt = load_checkpoint(folder / "ckpt.pt", "vlm")
-        if ckpt["iter"] >= ckpt["config"]["train"]["max_iters"]:
-            return folder
-        args = ["vlm", "--init_from=resume", f"--out_dir={folder}"]
-    else:
-        args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
-                f"--max_iters={mc.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
-    print(f"cell cooccur={cooccur} noise={noise} seed={seed}: python train.py {' '.join(args)}", flush=True)
-    train.main(args)
+    args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
+            f"--max_iters={mc.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
+    train_or_finish(folder, args, f"cell cooccur={cooccur} noise={noise} seed={seed}")
     return folder
 
 

@@ -139,20 +139,27 @@ def study_n_eval(path, out_dir, name):
     return train.configs("vlm", study_args(name, out_dir)[1:])[2].n_eval
 
 
+def train_or_finish(folder, args, what):
+    """`python train.py ARGS` into folder, unless a finished run is there; an interrupted one is
+    finished -> the checkpoint's path."""
+    import train  # the study's deliberate use of the loop: it trains its own models
+    path = Path(folder) / "ckpt.pt"
+    if not path.exists():
+        print(f"training {what}: python train.py {' '.join(args)}", flush=True)
+        train.main(args)
+    else:
+        ckpt = load_checkpoint(path, "vlm")
+        if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # an interrupted run: finish it
+            print(f"finishing {what} in {folder}", flush=True)
+            train.main(["vlm", "--init_from=resume", f"--out_dir={folder}"])
+    return path
+
+
 def study_model(path, out_dir, name, device):
     """A trained VLM from `path`, or the study's config trained into out_dir/name first."""
-    import train  # the study's deliberate use of the loop: it trains its own models
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
     if path.parent == Path(out_dir) / name:  # the study's own: train it, or finish an interrupted run
-        args = study_args(name, out_dir)
-        if not path.exists():
-            print(f"training the study's {name} model: python train.py {' '.join(args)}", flush=True)
-            train.main(args)
-        else:
-            ckpt = load_checkpoint(path, "vlm")
-            if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # an interrupted run: finish it
-                print(f"finishing the study's {name} model in {path.parent}", flush=True)
-                train.main(["vlm", "--init_from=resume", f"--out_dir={path.parent}"])
+        train_or_finish(path.parent, study_args(name, out_dir), f"the study's {name} model")
     _, model, cfg, ckpt = load_model("vlm", path, device)
     if cfg.objective != "prefix":
         raise UserError(f"{path} is an --objective={cfg.objective} model; "
