@@ -8,12 +8,17 @@
                                  at one fixed caption length, so no method wins by saying less.
 `hallucination.py` runs them for every decoding method; the functions here only count. Below them,
 what `train.py vlm` reports of a trained VLM (vlm.evaluate and vlm.monitor): questions, captions,
-and attribute words with the real image against a blank canvas (the language prior alone).
+and attribute words with the real image against a blank canvas (the language prior alone); and
+plot_runs, runs of `train.py vlm` side by side (`python vlm.py RUN ... PNG`).
 """
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from common import f1
+from checkpoints import load_checkpoint
+from common import f1, pyplot, savefig
 from data.pairs import CAPTION_PROMPT, blank_like, row_images
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
 from mlm import word_mask
@@ -190,3 +195,29 @@ def monitor(model, data, device, n_scenes=200):
     acc = answer_questions(model, data, "ood", device, n_scenes=n_scenes, kinds=("exist",))["all"]
     model.train()
     return {"ood_exist": acc}
+
+
+def plot_runs(out_dirs, path):
+    """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
+    logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
+    for a tower started from one (its metrics.json)."""
+    fig, (loss_ax, sight_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
+    for d in out_dirs:
+        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
+        loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
+        init = ckpt["config"]["model"]["init_vision"]
+        start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
+        if init not in ("", "none", "auto") and mae_metrics.is_file():
+            start = json.loads(mae_metrics.read_text())["train_seconds"]
+        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])
+                 if m["iter"] > 0]  # at iteration 0 the model answers neither yes nor no
+        if sight:
+            sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
+    loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
+    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
+    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
+    for ax in (loss_ax, sight_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines[1:] or ax is loss_ax:
+            ax.legend(fontsize=8)
+    savefig(fig, path)

@@ -16,7 +16,6 @@ captions on held-out scenes of the biased `val` split and of the `ood` split, wh
 broken, and compares attribute-word accuracy with the real image against a blank one: the language
 prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
-from common import UserError, at_least, check_writable, divisible, one_of, pyplot, savefig
+from common import UserError, at_least, check_writable, divisible, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from data.pairs import (CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, load_tokenizer,  # noqa: F401
                         row_images)
-from measures import evaluate, monitor  # noqa: F401  (the face train.py calls)
+from measures import evaluate, monitor, plot_runs  # noqa: F401  (the face train.py calls)
 from mlm import filter_logits, mask_tokens, masked_loss
 
 MAX_TEXT = 128  # text positions (prompt + answer)
@@ -62,6 +61,7 @@ class Config:
     cooccur: float = 0.5         # the world's bias (data/shapes.py); 0 and 0 = an unbiased world
     skew: float = 0.5
     noise: float = 0.0           # the world's perception knob (pixels only): Gaussian noise std / 255
+    loss_mean: str = "text"      # prefix: every text weighs the same (text), or every answer token (token)
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "patch_size", "merge", "texts_per_image", "n_train", "n_eval",
@@ -75,6 +75,7 @@ class Config:
         divisible(self, "n_embd", "n_head")
         divisible(self, "vision_n_embd", "vision_n_head")
         one_of(self, "objective", ("prefix", "mlm"))
+        one_of(self, "loss_mean", ("text", "token"))
         if not 0 <= self.cooccur <= 1:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
         if not 0 < self.mask_prob < 1:
@@ -236,25 +237,30 @@ class VLM(nn.Module):
                                          self.cfg.mask_prob)
             logits = self.fill(images, prompt, answer, index)  # (B, A, V)
         else:  # the position before each answer token predicts it; image and prompt are never targets
-            logits, labels = self.answer_targets(images, prompt, answer, index)  # (1, N, V), (1, N)
-        _, loss, acc = masked_loss(logits, labels)
+            logits, labels, rows = self.answer_targets(images, prompt, answer, index)  # (1, N, V), (1, N)
+        ce, loss, acc = masked_loss(logits, labels)
+        if self.cfg.objective == "prefix" and self.cfg.loss_mean == "text":
+            # a token mean lets a 16-token caption outweigh a one-word "yes" 16 to 1, and the
+            # existence questions then get 2% of the gradient: each text's own mean, then their mean
+            loss = (ce[0] / torch.bincount(rows)[rows]).sum() / len(prompt)
         if self.cfg.mae_weight:  # the tower also paints back its own masked patches (M3AE, VL-BEiT)
             loss = loss + self.cfg.mae_weight * self.mae_loss(images)
         return loss, {"acc": acc}
 
     def answer_targets(self, images, prompt, answer, index):
-        """The answer tokens' predictions and targets -> (1, N, V), (1, N), N real tokens. Captions and
+        """The answer tokens' predictions, targets and rows -> (1, N, V), (1, N), (N,). Captions and
         short questions share a batch: padding each group of rows to its own longest (length_groups)
         spares the fused stack the padding, about a third of its tokens."""
         img = self.image_tokens(images)[index]  # (B, L', D): each image read once
-        pad, logits, labels = self.tok.pad_id, [], []
+        pad, logits, labels, text_rows = self.tok.pad_id, [], [], []
         for rows, P, A in length_groups(prompt, answer, pad):
             a = answer[rows, :A]  # (b, A): right-padded, so the real tokens come first
             x, key_valid, n_prefix = self.sequence_of(img[rows], prompt[rows, -P:], a)
             out = answer_positions(self.run(x, prefix_lm_mask(key_valid, n_prefix)), A)  # (b, A, V)
             logits.append(out[a != pad])
             labels.append(a[a != pad])
-        return torch.cat(logits)[None], torch.cat(labels)[None]
+            text_rows.append(rows[:, None].expand_as(a)[a != pad])
+        return torch.cat(logits)[None], torch.cat(labels)[None], torch.cat(text_rows)
 
     def mae_loss(self, images):
         """MAE's masked-patch loss with this tower as the encoder and a small decoder of its own."""
@@ -347,34 +353,8 @@ def prefix_lm_mask(key_valid, n_prefix):
     return (allowed[None] & key_valid[:, None, :])[:, None]  # (B, 1, S, S)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation (measures.py): questions, captions, attribute words with the real image and a blank
-
-def plot_runs(out_dirs, path):
-    """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
-    logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
-    for a tower started from one (its metrics.json)."""
-    fig, (loss_ax, sight_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
-    for d in out_dirs:
-        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
-        loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
-        init = ckpt["config"]["model"]["init_vision"]
-        start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
-        if init not in ("", "none", "auto") and mae_metrics.is_file():
-            start = json.loads(mae_metrics.read_text())["train_seconds"]
-        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])
-                 if m["iter"] > 0]  # at iteration 0 the model answers neither yes nor no
-        if sight:
-            sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
-    loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
-    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
-    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
-    for ax in (loss_ax, sight_ax):
-        ax.grid(alpha=0.3)
-        if ax.lines[1:] or ax is loss_ax:
-            ax.legend(fontsize=8)
-    savefig(fig, path)
-
+# Evaluation (measures.py): questions, captions, attribute words with the real image and a blank;
+# plot_runs draws runs side by side.
 
 def main(argv):
     """python vlm.py RUN_DIR [RUN_DIR ...] PNG: the runs' val curves side by side."""

@@ -42,11 +42,11 @@ def test_the_default_trains_its_mae_first_then_finds_it(tmp_path):
 def test_joint_objective_is_the_vlm_loss_plus_the_mae_loss(tiny):
     cfg, data = tiny
     torch.manual_seed(0)
-    model = vlm.VLM(vlm.Config(**{**VLM_TINY, "mae_weight": 0.5}), data.tok)
+    model = vlm.VLM(vlm.Config(**{**VLM_TINY, "mae_weight": 0.5, "loss_mean": "token"}), data.tok)
     b = data.batch("train", 0, 4, "cpu")
     torch.manual_seed(1)
     joint, _ = model(b)
-    logits, labels = model.answer_targets(b["images"], b["prompt"], b["answer"], b["image_index"])
+    logits, labels, _ = model.answer_targets(b["images"], b["prompt"], b["answer"], b["image_index"])
     vlm_loss = torch.nn.functional.cross_entropy(logits[0], labels[0])
     reference = mae.MAE(vlm.mae_config(model.cfg))  # MAE's own loss, computed by its own code
     reference.load_state_dict({**reference.state_dict(), **{f"encoder.{k}": v for k, v in

@@ -83,7 +83,7 @@ def test_prefix_mask_in_the_model(tiny):
     assert not torch.allclose(out[:, :n_img], base[:, :n_img])  # image tokens see the prompt
 
 
-def test_loss_counts_answer_tokens_only(tiny):
+def test_loss_counts_answer_tokens_only_each_text_weighing_the_same(tiny):
     model, data = tiny
     b = data.batch("train", 2, 4, "cpu")
     loss, _ = model(b)
@@ -91,7 +91,15 @@ def test_loss_counts_answer_tokens_only(tiny):
     A = b["answer"].shape[1]
     pred, target = logits[:, -A - 1:-1], b["answer"]
     keep = target != data.tok.pad_id
-    assert torch.allclose(loss, torch.nn.functional.cross_entropy(pred[keep], target[keep]), atol=1e-6)
+    per_text = [torch.nn.functional.cross_entropy(p[k], t[k]) for p, t, k in zip(pred, target, keep)]
+    assert torch.allclose(loss, torch.stack(per_text).mean(), atol=1e-6)  # a caption counts as a "yes"
+    model.cfg.loss_mean = "token"
+    try:
+        token_mean = torch.nn.functional.cross_entropy(pred[keep], target[keep])
+        assert torch.allclose(model(b)[0], token_mean, atol=1e-6)
+        assert not torch.allclose(token_mean, loss)  # captions and one-word answers: the means differ
+    finally:
+        model.cfg.loss_mean = "text"
     other = dict(b, images=torch.zeros_like(b["images"]))
     assert not torch.allclose(model(other)[0], loss)  # the image matters through attention...
     prompt_only = dict(b, answer=b["answer"].masked_fill(torch.ones_like(keep), data.tok.pad_id))
