@@ -4,8 +4,9 @@ An image is a foreign language (ViLT, Kim et al. 2021): a ViT (`mae.ViTEncoder`)
 into patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack
 of the same `mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image
 and the prompt attend to each other in both directions and the answer is causal; the loss counts
-answer tokens only. Generation keeps each layer's keys and values (a KV cache), so each new token
-costs one position, not the whole sequence.
+answer tokens only, each text (a caption or a one-word answer) weighing the same. Generation keeps
+each layer's keys and values (a KV cache), so each new token costs one position, not the whole
+sequence.
 
 `--objective=mlm` trains ViLT/UNITER's other task instead: the caption, masked as BERT masks
 (`mlm.mask_tokens`), beside the image, everything attending to everything. It settles what `mlm.py`
@@ -86,7 +87,7 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
 
-# ~9 minutes on 2 CPU cores, first run included (batch_size counts images, each with texts_per_image texts)
+# the MAE first, then these: about 30 minutes on 2 slow cores (README); batch_size counts images
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=250, eval_iters=8)
 
@@ -240,8 +241,8 @@ class VLM(nn.Module):
             logits, labels, rows = self.answer_targets(images, prompt, answer, index)  # (1, N, V), (1, N)
         ce, loss, acc = masked_loss(logits, labels)
         if self.cfg.objective == "prefix" and self.cfg.loss_mean == "text":
-            # a token mean lets a 16-token caption outweigh a one-word "yes" 16 to 1, and the
-            # existence questions then get 2% of the gradient: each text's own mean, then their mean
+            # a token mean lets a caption (13 tokens on average) outweigh "yes" (2) six to one: the
+            # existence questions, 17% of the texts, got 4% of the gradient. Each text's mean, then theirs
             loss = (ce[0] / torch.bincount(rows)[rows]).sum() / len(prompt)
         if self.cfg.mae_weight:  # the tower also paints back its own masked patches (M3AE, VL-BEiT)
             loss = loss + self.cfg.mae_weight * self.mae_loss(images)
