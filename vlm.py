@@ -30,7 +30,8 @@ from common import UserError, at_least, check_writable, divisible, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from data.pairs import (CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, load_tokenizer,  # noqa: F401
                         row_images)
-from measures import evaluate, monitor, plot_runs  # noqa: F401  (the face train.py calls)
+from measures import evaluate, monitor  # noqa: F401  (the face train.py calls)
+from measures import plot_runs
 from mlm import filter_logits, mask_tokens, masked_loss
 
 MAX_TEXT = 128  # text positions (prompt + answer)
@@ -87,7 +88,7 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
 
-# the MAE first, then these: about 30 minutes on 2 slow cores (README); batch_size counts images
+# the MAE first, then these: 30 minutes on 2 cores shared with a second run (README); batch_size = images
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=250, eval_iters=8)
 
@@ -356,6 +357,7 @@ def prefix_lm_mask(key_valid, n_prefix):
 
 # Evaluation (measures.py): questions, captions, attribute words with the real image and a blank;
 # plot_runs draws runs side by side.
+
 
 def main(argv):
     """python vlm.py RUN_DIR [RUN_DIR ...] PNG: the runs' val curves side by side."""
