@@ -9,7 +9,10 @@ batch with the clean rows, each row with its own KV cache:
     no-image contrast          the same formula against a blank canvas (the language prior; as in
                                M3ID's unconditioned branch, without its length schedule)
     RITUAL (Woo et al. 2024)   logits(image) + k*logits(randomly flipped or rotated image), cut
-Settings (alpha, beta, kappa, noise_step) come from hallucination.StudyConfig.
+    M3ID (Favero et al. 2024)  logits(image) + w_t*(logits(image) - logits(blank)), cut, where
+                               w_t = (1 - g_t)/g_t, g_t = exp(-lambda*t) after t generated tokens: the
+                               contrast grows as the image's hold on the text fades (0 at t = 0)
+Settings (alpha, beta, kappa, noise_step, m3id_lambda) come from hallucination.StudyConfig.
 """
 import math
 from dataclasses import dataclass
@@ -47,6 +50,19 @@ def ritual_logits(logits, logits_t, kappa=1.0, beta=0.1):
     return (logits + kappa * logits_t).masked_fill(~plausible(logits, beta), float("-inf"))
 
 
+def m3id_weight(t, lam):
+    """M3ID's weight after t generated tokens: (1 - g_t) / g_t with g_t = exp(-lam * t), i.e. e^(lam t) - 1."""
+    g = math.exp(-lam * t)
+    return (1 - g) / g
+
+
+def m3id_logits(logits, logits_u, t, lam, beta=0.1):
+    """M3ID: logits + w_t * (logits - logits without the image), the cut on the clean logits as every
+    contrast here has it."""
+    scores = logits + m3id_weight(t, lam) * (logits - logits_u)
+    return scores.masked_fill(~plausible(logits, beta), float("-inf"))
+
+
 def transform(img, k):
     """RITUAL's random transformations that keep what is in a scene: k = 0, 1 flips, 2, 3 quarter turns."""
     if k == 0:
@@ -59,7 +75,7 @@ def transform(img, k):
 @dataclass(frozen=True)
 class Method:
     second: str = ""      # the second branch's image: noised, blank, transformed, or none
-    mix: str = ""         # how the two branches mix: vcd (contrast) or ritual (sum)
+    mix: str = ""         # how the two branches mix: vcd (contrast), ritual (sum) or m3id (growing contrast)
     cut: bool = False     # the plausibility cut on the clean logits (every two-branch method has it)
     sample: bool = False  # sample at T=1 (Gumbel max), else greedy
 
@@ -72,13 +88,17 @@ METHODS = {
     "VCD (greedy)": Method(second="noised", mix="vcd", cut=True),
     "no-image contrast (sampling)": Method(second="blank", mix="vcd", cut=True, sample=True),
     "RITUAL (sampling)": Method(second="transformed", mix="ritual", cut=True, sample=True),
+    "M3ID (greedy)": Method(second="blank", mix="m3id", cut=True),
 }
 
 
-def mix(method, logits, logits_2, sc):
-    """The clean and the second branch's logits -> scores, implausible tokens (on the clean) at -inf."""
+def mix(method, logits, logits_2, sc, t=0):
+    """The clean and the second branch's logits after t generated tokens -> scores, implausible tokens
+    (on the clean) at -inf."""
     if method.mix == "ritual":
         return ritual_logits(logits, logits_2, sc.kappa, sc.beta)
+    if method.mix == "m3id":
+        return m3id_logits(logits, logits_2, t, sc.m3id_lambda, sc.beta)
     return contrastive_logits(logits, logits_2, sc.alpha, sc.beta)
 
 
@@ -137,7 +157,7 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
             where = torch.zeros(B, dtype=torch.long, device=dev)
             where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits
             r = need.nonzero()[:, 0]
-            scores[r] = mix(method, clean[r], logits[where[r]], sc)
+            scores[r] = mix(method, clean[r], logits[where[r]], sc, len(out))
         first = scores if first is None else first
         if method.sample:
             token = (scores.log_softmax(-1) + gumbel_noise(scores, gen)).argmax(-1)  # Gumbel max: T=1

@@ -39,11 +39,12 @@ class StudyConfig:
     beta: float = 0.1            # plausibility cut
     noise_step: int = 500        # VCD's diffusion step (of 1000)
     kappa: float = 1.0           # RITUAL: weight of the transformed image's logits
+    m3id_lambda: float = 0.02    # M3ID: how fast its contrast grows with the tokens generated
     device: str = "auto"
 
     def __post_init__(self):
         at_least(self, 1, "seeds", "n_scenes", "n_captions", "caption_tokens")
-        at_least(self, 0, "alpha", "kappa")
+        at_least(self, 0, "alpha", "kappa", "m3id_lambda")
         if not 0 < self.beta <= 1:
             raise UserError(f"beta={self.beta} must be in (0, 1]")
         if not 0 <= self.noise_step < 1000:

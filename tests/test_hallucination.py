@@ -26,6 +26,19 @@ def test_contrastive_logits_by_hand():
         assert torch.equal(D.contrastive_logits(logits, cd, alpha, beta=1.0).argmax(-1), logits.argmax(-1))
 
 
+def test_m3id_weight_schedule_and_mix_by_hand():
+    assert D.m3id_weight(0, 0.02) == 0.0  # the first token is the model's own
+    assert D.m3id_weight(10, 0.1) == pytest.approx(math.e - 1)  # g = e^-1: (1 - 1/e) / (1/e)
+    w = [D.m3id_weight(t, 0.02) for t in range(0, 60, 10)]
+    assert all(a < b for a, b in zip(w, w[1:]))  # it only grows
+    logits = torch.tensor([[2.0, 1.5, -3.0]])
+    blank = torch.tensor([[2.0, 0.5, 0.0]])
+    out = D.m3id_logits(logits, blank, 10, 0.1, beta=0.1)
+    # 2 + (e-1)*0 = 2; 1.5 + (e-1)*1 = 0.5 + e; -3 is below the cut (p < 0.1 max p)
+    assert out[0, 0] == 2.0 and out[0, 1].item() == pytest.approx(0.5 + math.e) and out[0, 2] == float("-inf")
+    assert torch.equal(D.m3id_logits(logits, blank, 0, 0.1), D.plausibility_cut(logits, 0.1))
+
+
 def test_noise_coefficients_at_500():
     a, s = D.noise_coefficients(500)
     assert round(a, 3) == 0.863 and round(s, 3) == 0.505 and abs(a * a + s * s - 1) < 1e-9
@@ -90,7 +103,7 @@ def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
     prompts += [(f"is there a {s}?", "") for s in SHAPES]
     b = data.make_batch("val", np.arange(8), prompts, "cpu")
     images = vlm.row_images(b)
-    for name in ("VCD (greedy)", "RITUAL (sampling)", "no-image contrast (sampling)"):
+    for name in ("VCD (greedy)", "RITUAL (sampling)", "no-image contrast (sampling)", "M3ID (greedy)"):
         m = D.METHODS[name]
         gated, _, _ = D.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3))
         full, _, n_full = D.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3),
@@ -106,8 +119,8 @@ def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
         states = [model.start(images, b["prompt"]), model.start(images2, b["prompt"], image_index=index)]
         logits, states = [s[0] for s in states], [s[1] for s in states]
         out = []
-        for _ in range(gated.shape[1]):
-            scores = D.mix(m, *logits, sc).masked_fill(~D.plausible(logits[0], sc.beta), float("-inf"))
+        for t in range(gated.shape[1]):
+            scores = D.mix(m, *logits, sc, t).masked_fill(~D.plausible(logits[0], sc.beta), float("-inf"))
             if m.sample:
                 u = torch.rand(scores.shape, generator=gen)
                 token = (scores.log_softmax(-1) - torch.log(-torch.log(u.clamp(1e-10, 1)))).argmax(-1)
