@@ -137,7 +137,7 @@ def answer_states(model, images, prompt):
 
 def logit_lens(model, states):
     """(L + 1, B, D) states -> (L + 1, B, V) logits: the final norm and the tied head applied to each."""
-    return model.ln_f(states) @ model.wte.weight.T + model.head_bias  # (L + 1, B, V)
+    return model.head(states)  # (L + 1, B, V)
 
 
 def lens_says_yes(model, states):
@@ -323,7 +323,8 @@ def measure_cell(mc, folder, device):
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     figures = cell_figures(model, data, mc, device)
     tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"n_scenes": mc.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}, indent=1))
+    saved = {"n_scenes": mc.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}
+    tmp.write_text(json.dumps(saved, indent=1))
     tmp.replace(cached)
     return figures
 

@@ -12,7 +12,11 @@ batch with the clean rows, each row with its own KV cache:
     M3ID (Favero et al. 2024)  logits(image) + w_t*(logits(image) - logits(blank)), cut, where
                                w_t = (1 - g_t)/g_t, g_t = exp(-lambda*t) after t generated tokens: the
                                contrast grows as the image's hold on the text fades (0 at t = 0)
-Settings (alpha, beta, kappa, noise_step, m3id_lambda) come from hallucination.StudyConfig.
+One method reads no second image but the model's own earlier layers:
+    DeCo (Wang et al. 2024)    the final logits' candidates (top-k, then top-p); in a window of earlier
+                               layers, the anchor = the layer whose logit lens gives one candidate the
+                               highest probability c; final + a*c*logits(anchor), candidates only
+Settings (alpha, beta, kappa, noise_step, m3id_lambda, deco_*) come from hallucination.StudyConfig.
 """
 import math
 from dataclasses import dataclass
@@ -51,7 +55,7 @@ def ritual_logits(logits, logits_t, kappa=1.0, beta=0.1):
 
 
 def m3id_weight(t, lam):
-    """M3ID's weight after t generated tokens: (1 - g_t) / g_t with g_t = exp(-lam * t), i.e. e^(lam t) - 1."""
+    """M3ID's weight after t generated tokens: (1 - g_t) / g_t, g_t = exp(-lam * t); that is e^(lam t) - 1."""
     g = math.exp(-lam * t)
     return (1 - g) / g
 
@@ -61,6 +65,29 @@ def m3id_logits(logits, logits_u, t, lam, beta=0.1):
     contrast here has it."""
     scores = logits + m3id_weight(t, lam) * (logits - logits_u)
     return scores.masked_fill(~plausible(logits, beta), float("-inf"))
+
+
+def deco_candidates(logits, top_k=20, top_p=0.9):
+    """DeCo's candidates: the top_k tokens of the final logits, then the fewest of them whose
+    probability adds up to top_p (at least one) -> bool (B, V)."""
+    p, idx = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), -1)  # (B, k), descending
+    keep = p.cumsum(-1) - p < top_p  # a token is kept if the ones before it fall short of top_p
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, keep)
+
+
+def deco_logits(logits, early, alpha=0.6, top_k=20, top_p=0.9):
+    """DeCo: logits (B, V) and the window's logit-lens logits (W, B, V) -> scores (B, V)."""
+    cand = deco_candidates(logits, top_k, top_p)  # (B, V)
+    conf = early.softmax(-1).masked_fill(~cand, 0).amax(-1)  # (W, B): each layer's best candidate
+    c, anchor = conf.max(0)  # (B,)
+    picked = early[anchor, torch.arange(logits.shape[0])]  # (B, V)
+    return (logits + alpha * c[:, None] * picked).masked_fill(~cand, float("-inf"))
+
+
+def deco_window(n_layer):
+    """The earlier layers DeCo reads (block outputs, 1 = the first block): the second half before the
+    last, as its LLaVA runs read layers 20-28 of 32."""
+    return list(range(max(1, n_layer // 2), n_layer))
 
 
 def transform(img, k):
@@ -89,6 +116,7 @@ METHODS = {
     "no-image contrast (sampling)": Method(second="blank", mix="vcd", cut=True, sample=True),
     "RITUAL (sampling)": Method(second="transformed", mix="ritual", cut=True, sample=True),
     "M3ID (greedy)": Method(second="blank", mix="m3id", cut=True),
+    "DeCo (greedy)": Method(mix="deco"),
 }
 
 
@@ -135,7 +163,9 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
     the tokens so far in one pass (vlm.start) and joins the batch. The tokens are those of running
     both branches for every row from the start (gate=False), which a test checks."""
     B, dev = images.shape[0], images.device
-    logits, state = model.start(images, prompt)  # (B, V); rows B.. will be the second branch's
+    # (B, V); rows B.. will be the second branch's; DeCo reads each layer's newest state
+    logits, state = model.start(images, prompt, layers=method.mix == "deco")
+    window = deco_window(len(model.blocks))
     rows = torch.zeros(0, dtype=torch.long, device=dev)  # the clean row each second-branch row belongs to
     draws = branch_draws(B, method.second, gen)
     out, done, first = [], torch.zeros(B, dtype=torch.bool, device=dev), None
@@ -158,6 +188,9 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
             where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits
             r = need.nonzero()[:, 0]
             scores[r] = mix(method, clean[r], logits[where[r]], sc, len(out))
+        if method.mix == "deco":
+            early = model.head(torch.stack([state["layers"][i - 1][:B] for i in window]))  # (W, B, V)
+            scores = deco_logits(clean, early, sc.deco_alpha, sc.deco_top_k, sc.deco_top_p)
         first = scores if first is None else first
         if method.sample:
             token = (scores.log_softmax(-1) + gumbel_noise(scores, gen)).argmax(-1)  # Gumbel max: T=1

@@ -40,11 +40,16 @@ class StudyConfig:
     noise_step: int = 500        # VCD's diffusion step (of 1000)
     kappa: float = 1.0           # RITUAL: weight of the transformed image's logits
     m3id_lambda: float = 0.02    # M3ID: how fast its contrast grows with the tokens generated
+    deco_alpha: float = 0.6      # DeCo: weight of the anchor layer's logits
+    deco_top_k: int = 20         # DeCo: candidates, the final logits' top k ...
+    deco_top_p: float = 0.9      # ... then top p
     device: str = "auto"
 
     def __post_init__(self):
-        at_least(self, 1, "seeds", "n_scenes", "n_captions", "caption_tokens")
-        at_least(self, 0, "alpha", "kappa", "m3id_lambda")
+        at_least(self, 1, "seeds", "n_scenes", "n_captions", "caption_tokens", "deco_top_k")
+        at_least(self, 0, "alpha", "kappa", "m3id_lambda", "deco_alpha")
+        if not 0 < self.deco_top_p <= 1:
+            raise UserError(f"deco_top_p={self.deco_top_p} must be in (0, 1]")
         if not 0 < self.beta <= 1:
             raise UserError(f"beta={self.beta} must be in (0, 1]")
         if not 0 <= self.noise_step < 1000:

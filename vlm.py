@@ -191,11 +191,19 @@ class VLM(nn.Module):
     def embed(self, ids, pos):
         return self.wte(ids) * self.cfg.n_embd ** 0.5 + self.wpe[pos]  # (B, T, D)
 
-    def run(self, x, attn_mask, caches=None):
-        """The fused stack; -> logits (B, T, V), special tokens other than end-of-text never predicted."""
+    def run(self, x, attn_mask, caches=None, layers=None):
+        """The fused stack; -> logits (B, T, V). layers, a list: each block's state at the last position
+        (B, D) is appended to it (what DeCo's early exits read)."""
         for i, blk in enumerate(self.blocks):
             x = blk(x, attn_mask=attn_mask, kv_cache=caches[i] if caches is not None else None)
-        logits = self.ln_f(x) @ self.wte.weight.T + self.head_bias  # (B, T, V), head tied to the embedding
+            if layers is not None:
+                layers.append(x[:, -1])
+        return self.head(x)
+
+    def head(self, x):
+        """States (..., D) -> logits (..., V): the final norm and the head tied to the embedding; special
+        tokens other than end-of-text are never predicted. On an earlier layer's state: the logit lens."""
+        logits = self.ln_f(x) @ self.wte.weight.T + self.head_bias  # (..., V)
         banned = self.special_ids[self.special_ids != self.tok.eot_id]
         return logits.float().index_fill(-1, banned, float("-inf"))
 
@@ -278,16 +286,19 @@ class VLM(nn.Module):
     # -----------------------------------------------------------------------------------------
     # Generation with a KV cache: start() reads the prefix once, step() adds one token per row
 
-    def start(self, images, prompt, answer=None, image_index=None):
+    def start(self, images, prompt, answer=None, image_index=None, layers=False):
         """Read [image, prompt, answer so far] -> (logits (B, V) for the next answer token, state).
         Each row of the batch has its own cache row, so branches of one decoding method (a clean and
-        a noised image, say) run as one batch, and rows can join a batch late (cat_states)."""
+        a noised image, say) run as one batch, and rows can join a batch late (cat_states).
+        layers=True: state["layers"] holds each block's state at the newest position, step by step."""
         answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
         x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         caches = [{} for _ in self.blocks]
-        logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches)
-        pos = (prompt != self.tok.pad_id).sum(1, keepdim=True) + answer.shape[1]  # (B, 1): next text position
-        state = {"caches": caches, "key_valid": key_valid, "pos": pos}
+        state = {"caches": caches, "layers": [] if layers else None}
+        logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches, state["layers"])
+        state["key_valid"] = key_valid
+        n_prompt = (prompt != self.tok.pad_id).sum(1, keepdim=True)  # (B, 1)
+        state["pos"] = n_prompt + answer.shape[1]  # the next text position
         return logits[:, -1], state
 
     def step(self, state, token):
@@ -298,7 +309,9 @@ class VLM(nn.Module):
         new = torch.ones_like(token[:, None], dtype=torch.bool)  # (B, 1)
         state["key_valid"] = torch.cat([state["key_valid"], new], 1)  # (B, S+1)
         state["pos"] = state["pos"] + 1
-        return self.run(x, state["key_valid"][:, None, None, :], state["caches"])[:, -1]
+        if state.get("layers") is not None:
+            state["layers"].clear()
+        return self.run(x, state["key_valid"][:, None, None, :], state["caches"], state.get("layers"))[:, -1]
 
     @torch.no_grad()
     def generate(self, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True):

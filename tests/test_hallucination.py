@@ -39,6 +39,36 @@ def test_m3id_weight_schedule_and_mix_by_hand():
     assert torch.equal(D.m3id_logits(logits, blank, 0, 0.1), D.plausibility_cut(logits, 0.1))
 
 
+def test_deco_candidates_anchor_and_mix_by_hand():
+    logits = torch.tensor([[3.0, 2.0, 0.0, -5.0]])  # p = .705, .259, .035, .000
+    assert D.deco_candidates(logits, top_k=3, top_p=0.9).tolist() == [[True, True, False, False]]
+    assert D.deco_candidates(logits, top_k=1, top_p=0.9).tolist() == [[True, False, False, False]]
+    # layer A is sure of a token that is no candidate; layer B puts 0.870 on candidate 1: B is the anchor
+    early = torch.tensor([[[0.0, 0.0, 10.0, 0.0]], [[0.0, 3.0, 0.0, 0.0]]])  # (W=2, B=1, V=4)
+    out = D.deco_logits(logits, early, alpha=0.6, top_k=3, top_p=0.9)
+    c = math.exp(3) / (math.exp(3) + 3)
+    assert out[0, 0] == 3.0 and out[0, 1].item() == pytest.approx(2 + 0.6 * c * 3)
+    assert out[0, 2] == out[0, 3] == float("-inf") and out.argmax().item() == 1  # the earlier layer wins
+    assert torch.equal(D.deco_logits(logits, early, alpha=0.0, top_k=3), logits.masked_fill(
+        ~D.deco_candidates(logits, 3), float("-inf")))
+    assert D.deco_window(4) == [2, 3] and D.deco_window(2) == [1] and D.deco_window(12) == list(range(6, 12))
+
+
+def test_deco_in_decode_reads_the_layers_of_a_full_pass(tiny):
+    import causes
+    model, data = tiny
+    b = data.make_batch("val", np.arange(6), [("is there a star?", "")] * 6, "cpu")
+    images, sc = vlm.row_images(b), H.StudyConfig()
+    _, first, _ = D.decode(model, images, b["prompt"], D.METHODS["DeCo (greedy)"], sc, 3, torch.Generator())
+    with torch.no_grad():
+        states = causes.answer_states(model, images, b["prompt"])  # (L + 1, B, D), without a cache
+        window = D.deco_window(len(model.blocks))
+        ref = D.deco_logits(model.head(states[-1]), model.head(states[window]), sc.deco_alpha,
+                            sc.deco_top_k, sc.deco_top_p)
+    assert torch.equal(torch.isinf(first), torch.isinf(ref))
+    assert torch.allclose(first[~torch.isinf(ref)], ref[~torch.isinf(ref)], atol=1e-4)
+
+
 def test_noise_coefficients_at_500():
     a, s = D.noise_coefficients(500)
     assert round(a, 3) == 0.863 and round(s, 3) == 0.505 and abs(a * a + s * s - 1) < 1e-9
