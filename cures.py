@@ -8,14 +8,23 @@
     DPO (Rafailov et al. 2023),  preference tuning against a frozen reference: -log sigmoid(beta *
     as POVID uses it             ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), the
                                  log-probabilities summed over the answer tokens; log 2 while pi = ref.
+    VHR ("Cracking the Code of    a head's vision-aware divergence (VHD) = how far its output at the
+    Hallucination in LVLMs")     answer position moves between the real image and the blank canvas,
+                                 averaged over calibration scenes; while decoding, the top-k heads'
+                                 outputs are scaled by gamma. Controls: k random heads, the k least
+                                 vision-aware heads.
 The study that runs them against their controls is the next step (issue 15); these are its parts.
 """
 import math
+from contextlib import contextmanager
+from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlm import answer_positions
+from data.shapes import SHAPES, exist_question
+from vlm import answer_positions, blank_like, row_images
 
 LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
 
@@ -60,3 +69,78 @@ def random_like(directions, gen):
         r = torch.randn(d.shape, generator=gen, dtype=d.dtype)
         out.append(r / r.norm() * d.norm())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention heads (VHR)
+
+def scale_input(scale, module, args):
+    """A forward pre-hook: the module's input times scale (C,)."""
+    return (args[0] * scale.to(args[0]),)
+
+
+@contextmanager
+def scaled_heads(model, heads, gamma):
+    """Within the block, the outputs of heads [(layer, head)] are multiplied by gamma before the
+    attention's output projection: each head's contribution, and only it, scales. Off: no cost."""
+    by_layer = {}
+    for layer, h in heads:
+        by_layer.setdefault(layer, []).append(h)
+    handles = []
+    for layer, hs in by_layer.items():
+        attn = model.blocks[layer].attn
+        C = attn.proj.in_features
+        scale = torch.ones(C)  # (C,): the heads' outputs lie side by side, hd channels each
+        for h in hs:
+            scale[h * C // attn.n_head:(h + 1) * C // attn.n_head] = gamma
+        handles.append(attn.proj.register_forward_pre_hook(partial(scale_input, scale)))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def head_outputs(model, images, prompt):
+    """Every head's output at the answer position (the last one) -> (L, B, h, hd)."""
+    outs = []
+
+    def hook(proj, args):
+        y = args[0][:, -1]  # (B, C)
+        outs.append(y.view(y.shape[0], model.cfg.n_head, -1))  # (B, h, hd)
+    handles = [blk.attn.proj.register_forward_pre_hook(hook) for blk in model.blocks]
+    try:
+        model.start(images, prompt)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(outs)  # (L, B, h, hd)
+
+
+@torch.no_grad()
+def vhd_scores(model, data, n_scenes, device, seed=0):
+    """Each head's vision-aware divergence over n_scenes training scenes, asked "is there a
+    {shape}?" about a random shape: mean |out(image) - out(blank)| -> (L, h)."""
+    rng = np.random.default_rng([seed, 17])
+    scenes = rng.choice(len(data.shapes["train"]), size=n_scenes, replace=False)
+    shapes = rng.integers(len(SHAPES), size=n_scenes)
+    b = data.make_batch("train", scenes, [(exist_question(s), "") for s in shapes], device)
+    images = row_images(b)
+    real = head_outputs(model, images, b["prompt"])
+    blank = head_outputs(model, blank_like(images), b["prompt"])
+    return (real - blank).norm(dim=-1).mean(1)  # (L, h)
+
+
+def pick_heads(vhd, k, how, gen=None):
+    """k heads [(layer, head)] of a VHD table (L, h): the most vision-aware (top, VHR), the least
+    (least, a control) or random ones (random, the other control)."""
+    flat = vhd.flatten()
+    if how == "top":
+        idx = flat.topk(k).indices
+    elif how == "least":
+        idx = (-flat).topk(k).indices
+    else:
+        idx = torch.randperm(len(flat), generator=gen)[:k]
+    n_head = vhd.shape[1]
+    return [(int(i) // n_head, int(i) % n_head) for i in idx]

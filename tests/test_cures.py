@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -51,3 +52,53 @@ def test_steering_keeps_norms_and_follows_the_direction():
     randoms = cures.random_like([d, 2 * d], g)
     assert [r.norm().item() for r in randoms] == pytest.approx([d.norm().item(), 2 * d.norm().item()])
     assert torch.nn.functional.cosine_similarity(randoms[0], d, dim=0).abs() < 0.9
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    torch.manual_seed(0)
+    cfg = vlm.Config(**VLM_TINY)
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    return vlm.VLM(cfg, data.tok).eval(), data
+
+
+def test_head_scale_gamma_one_is_the_model_and_one_head_scales_alone(tiny_vlm):
+    model, data = tiny_vlm
+    b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
+    images = vlm.row_images(b)
+    every = [(l, h) for l in range(len(model.blocks)) for h in range(model.cfg.n_head)]
+    with torch.no_grad():
+        plain = model.start(images, b["prompt"])[0]
+        with cures.scaled_heads(model, every, 1.0):
+            assert torch.equal(model.start(images, b["prompt"])[0], plain)
+        attn, C = model.blocks[0].attn, model.cfg.n_embd
+        x = torch.randn(2, 5, C)
+        seen = []
+        handle = attn.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        out = attn(x)
+        handle.remove()
+        with cures.scaled_heads(model, [(0, 1)], 3.0):
+            scaled = attn(x)
+        hd = C // model.cfg.n_head
+        part = slice(hd, 2 * hd)  # head 1's channels: its contribution is y_1 @ W[:, part].T
+        expected = 2.0 * seen[0][..., part] @ attn.proj.weight[:, part].T
+        assert torch.allclose(scaled - out, expected, atol=1e-5)
+    assert not model.blocks[0].attn.proj._forward_pre_hooks  # the hooks are gone after the block
+
+
+def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny_vlm):
+    model, data = tiny_vlm
+    model = copy.deepcopy(model)
+    C, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
+    with torch.no_grad():  # head 1 of layer 0 reads nothing: its values are zero
+        model.blocks[0].attn.qkv.weight[2 * C + hd:2 * C + 2 * hd] = 0
+        model.blocks[0].attn.qkv.bias[2 * C + hd:2 * C + 2 * hd] = 0
+    vhd = cures.vhd_scores(model, data, 8, "cpu")
+    assert vhd.shape == (len(model.blocks), model.cfg.n_head)
+    assert vhd[0, 1] == 0 and (vhd.flatten().sort().values[1:] > 0).all()
+    assert cures.pick_heads(vhd, 1, "least") == [(0, 1)]
+    top = cures.pick_heads(vhd, 3, "top")
+    assert [vhd[l, h].item() for l, h in top] == vhd.flatten().topk(3).values.tolist()
+    r1 = cures.pick_heads(vhd, 4, "random", torch.Generator().manual_seed(1))
+    r2 = cures.pick_heads(vhd, 4, "random", torch.Generator().manual_seed(1))
+    assert r1 == r2 and len(set(r1)) == 4
