@@ -8,6 +8,9 @@
     DPO (Rafailov et al. 2023),  preference tuning against a frozen reference: -log sigmoid(beta *
     as POVID uses it             ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), the
                                  log-probabilities summed over the answer tokens; log 2 while pi = ref.
+                                 The textual direction per fused layer: the last caption token's state
+                                 for the true caption minus that for the caption with the missing
+                                 partner added.
     VHR ("Cracking the Code of    a head's vision-aware divergence (VHD) = how far its output at the
     Hallucination in LVLMs")     answer position moves between the real image and the blank canvas,
                                  averaged over calibration scenes; while decoding, the top-k heads'
@@ -23,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.shapes import SHAPES, exist_question
-from vlm import answer_positions, blank_like, row_images
+from data.shapes import PARTNER, SHAPES, caption, exist_question
+from vlm import CAPTION_PROMPT, answer_positions, blank_like, prefix_lm_mask, row_images
 
 LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
 
@@ -144,3 +147,91 @@ def pick_heads(vhd, k, how, gen=None):
         idx = torch.randperm(len(flat), generator=gen)[:k]
     n_head = vhd.shape[1]
     return [(int(i) // n_head, int(i) % n_head) for i in idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent steering (VTI)
+
+def steer_output(direction, alpha, module, args, out):
+    """A forward hook: the module's output steered along direction."""
+    return steer(out, direction.to(out), alpha)
+
+
+@contextmanager
+def steered(modules, directions, alpha):
+    """Within the block, each module's output is steered along its direction (VTI)."""
+    handles = [m.register_forward_hook(partial(steer_output, d, alpha)) for m, d in zip(modules, directions)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def block_outputs(blocks, run):
+    """Each block's output while run() runs -> [tensor per block]."""
+    outs = []
+    handles = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in blocks]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def masked_copies(images, keep, gen, patch):
+    """Copies of images (B, 3, H, W) with all but a `keep` share of patches (at least one) painted
+    the blank canvas (VTI masks 99% of the image)."""
+    B, _, H, W = images.shape
+    g = H // patch
+    n_keep = max(1, round(keep * g * g))
+    kept = torch.rand(B, g * g, generator=gen).argsort(1) < n_keep  # (B, g*g): n_keep random patches
+    kept = kept.view(B, 1, g, 1, g, 1).expand(B, 1, g, patch, g, patch).reshape(B, 1, H, W)
+    return torch.where(kept.to(images.device), images, blank_like(images))
+
+
+@torch.no_grad()
+def visual_directions(model, images, gen, trials=4, keep=0.01, pca=False):
+    """Per tower block: the image tokens' states minus their mean over masked copies, averaged (or
+    the first principal component) over images -> [(1+L, Dv) per block]."""
+    real = block_outputs(model.vision.blocks, lambda: model.vision(images))
+    masked = [block_outputs(model.vision.blocks, lambda: model.vision(
+        masked_copies(images, keep, gen, model.cfg.patch_size))) for _ in range(trials)]
+    out = []
+    for i, r in enumerate(real):
+        diffs = r - torch.stack([m[i] for m in masked]).mean(0)  # (B, 1+L, Dv)
+        out.append(principal_direction(diffs.flatten(1), pca).view(r.shape[1:]))
+    return out
+
+
+def hallucinated_caption(objs, rng):
+    """The scene's caption with the missing partner of a present shape added, or None if none is
+    missing: the same colour and size as its trigger, last in reading order."""
+    shapes = objs[:, 0].tolist()
+    triggers = [k for k, s in enumerate(shapes) if PARTNER[s] not in shapes]
+    if not triggers:
+        return None
+    extra = objs[int(rng.choice(triggers))].copy()
+    extra[0] = PARTNER[int(extra[0])]
+    return caption(np.concatenate([objs, extra[None]]))
+
+
+@torch.no_grad()
+def textual_directions(model, data, n_scenes, device, seed=0, pca=False):
+    """Per fused block: the last caption token's state for the true caption minus that for the one
+    with the missing partner added, over training scenes that have one -> [(D,) per block]."""
+    rng = np.random.default_rng([seed, 19])
+    train, scenes, pairs = data.shapes["train"], [], []
+    for i in rng.permutation(len(train))[:4 * n_scenes].tolist():
+        bad = hallucinated_caption(train.scene(i), rng)
+        if bad is not None and len(scenes) < 2 * n_scenes:
+            scenes += [i, i]
+            pairs += [(CAPTION_PROMPT, caption(train.scene(i))), (CAPTION_PROMPT, bad)]
+    b = data.make_batch("train", np.array(scenes), pairs, device)
+    x, key_valid, n_prefix = model.sequence(row_images(b), b["prompt"], b["answer"])
+    last = n_prefix + (b["answer"] != model.tok.pad_id).sum(1) - 1  # (N,): each text's end-of-text
+    states = block_outputs(model.blocks, lambda: model.run(x, prefix_lm_mask(key_valid, n_prefix)))
+    rows = torch.arange(len(scenes), device=x.device)
+    return [principal_direction(s[rows, last][0::2] - s[rows, last][1::2], pca) for s in states]

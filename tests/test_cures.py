@@ -102,3 +102,42 @@ def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny_vlm):
     r1 = cures.pick_heads(vhd, 4, "random", torch.Generator().manual_seed(1))
     r2 = cures.pick_heads(vhd, 4, "random", torch.Generator().manual_seed(1))
     assert r1 == r2 and len(set(r1)) == 4
+
+
+def test_vti_steering_hooks_masked_copies_and_directions(tiny_vlm):
+    model, data = tiny_vlm
+    b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
+    images = vlm.row_images(b)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1  # no pixel is the background's
+    masked = cures.masked_copies(noise, 0.01, gen, model.cfg.patch_size)  # 16 patches: one kept
+    patches = (masked != vlm.blank_like(noise)).any(1).view(3, 4, 8, 4, 8).any(4).any(2)  # (3, 4, 4)
+    assert patches.sum((1, 2)).tolist() == [1, 1, 1]
+    kept = patches.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand_as(noise)
+    assert torch.equal(masked[kept], noise[kept]) and torch.equal(masked[~kept], vlm.blank_like(noise)[~kept])
+    vis = cures.visual_directions(model, images, gen, trials=2)
+    assert [tuple(d.shape) for d in vis] == [(17, 32)] * len(model.vision.blocks)
+    txt = cures.textual_directions(model, data, 6, "cpu")
+    assert [tuple(d.shape) for d in txt] == [(32,)] * len(model.blocks)
+    with torch.no_grad():
+        plain = model.start(images, b["prompt"])[0]
+        with cures.steered(model.blocks, txt, 0.0), cures.steered(model.vision.blocks, vis, 0.0):
+            assert torch.equal(model.start(images, b["prompt"])[0], plain)
+        before = cures.block_outputs(model.blocks[:1], lambda: model.start(images, b["prompt"]))[0]
+        with cures.steered(model.blocks[:1], txt[:1], 0.5):
+            after = cures.block_outputs(model.blocks[:1], lambda: model.start(images, b["prompt"]))[0]
+            assert not torch.equal(model.start(images, b["prompt"])[0], plain)
+    cos = torch.nn.functional.cosine_similarity
+    assert (cos(after, txt[0], dim=-1) > cos(before, txt[0], dim=-1)).all()
+    assert torch.equal(model.start(images, b["prompt"])[0], plain)  # the hooks are gone
+
+
+def test_hallucinated_caption_adds_the_missing_partner():
+    from data.shapes import PARTNER, SHAPES
+    objs = np.array([[0, 1, 0, 3], [2, 0, 1, 5]])  # a circle (partner: square) and a triangle (star)
+    rng = np.random.default_rng(0)
+    bad = cures.hallucinated_caption(objs, rng)
+    square = np.array([[PARTNER[0], 1, 0, 3]])  # the trigger's colour and size
+    star = np.array([[PARTNER[2], 0, 1, 5]])
+    assert bad in (cures.caption(np.concatenate([objs, square])), cures.caption(np.concatenate([objs, star])))
+    assert cures.hallucinated_caption(np.array([[0, 1, 0, 3], [1, 0, 1, 5]]), rng) is None  # both there
