@@ -141,3 +141,28 @@ def test_hallucinated_caption_adds_the_missing_partner():
     star = np.array([[PARTNER[2], 0, 1, 5]])
     assert bad in (cures.caption(np.concatenate([objs, square])), cures.caption(np.concatenate([objs, star])))
     assert cures.hallucinated_caption(np.array([[0, 1, 0, 3], [1, 0, 1, 5]]), rng) is None  # both there
+
+
+def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
+    from data.shapes import PARTNER, SHAPES
+    model, data = tiny_vlm
+    train = data.shapes["train"]
+    for negatives in ("partner", "random"):
+        pool = cures.preference_pool(data, 10, negatives, np.random.default_rng(0))
+        scenes, prompts, chosen, rejected = pool
+        assert len(scenes) == 20 and chosen[0::2] == ["no"] * 10 and rejected[0::2] == ["yes"] * 10
+        for i, q in zip(scenes[0::2], prompts[0::2]):
+            shapes = set(train.scene(i)[:, 0].tolist())
+            asked = SHAPES.index(q.split()[-1].rstrip("?"))
+            missing = {PARTNER[s] for s in shapes} - shapes
+            assert asked not in shapes and (asked in missing) == (negatives == "partner")
+        for i, good, bad in zip(scenes[1::2], chosen[1::2], rejected[1::2]):
+            assert good == cures.caption(train.scene(i)) and bad.startswith(good.split(" and ")[0])
+    pool = cures.preference_pool(data, 4, "partner", np.random.default_rng(0))
+    chosen, rejected = cures.preference_batch(data, pool, [0, 1, 2], "cpu")
+    with torch.no_grad():  # the policy is still the reference: log 2
+        w, l = cures.batch_logprob(model, chosen), cures.batch_logprob(model, rejected)
+    assert cures.dpo_loss(w, l, w, l).item() == pytest.approx(cures.LOG2)
+    tuned, _ = cures.preference_tune(model, data, "dpo", 3, 0, "cpu", n_scenes=8, batch_size=4)
+    assert tuned is not model and any((p - q).abs().max() > 0 for p, q in
+                                      zip(tuned.parameters(), model.parameters()))
