@@ -4,23 +4,17 @@
                                  is the mean (or first principal component) of the image tokens'
                                  states minus those of heavily masked copies; added at inference as
                                  x' = normalize(normalize(x) + alpha * normalize(d)) * |x|. Control:
-                                 random directions of the same norms.
-    DPO (Rafailov et al. 2023),  preference tuning against a frozen reference: -log sigmoid(beta *
-    as POVID uses it             ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), the
-                                 log-probabilities summed over the answer tokens; log 2 while pi = ref.
-                                 The textual direction per fused layer: the last caption token's state
-                                 for the true caption minus that for the caption with the missing
-                                 partner added.
+                                 random directions of the same norms. The textual direction per fused
+                                 layer: the last caption token's state for the true caption minus that
+                                 for the caption with the missing partner added.
     VHR ("Cracking the Code of    a head's vision-aware divergence (VHD) = how far its output at the
     Hallucination in LVLMs")     answer position moves between the real image and the blank canvas,
                                  averaged over calibration scenes; while decoding, the top-k heads'
                                  outputs are scaled by gamma. Controls: k random heads, the k least
                                  vision-aware heads.
-The study that runs them against their controls is the next step (issue 15); these are its parts.
+Preference training (DPO) lives in `preference.py`. `python cures.py` runs every cure beside its
+control on the study's model (see main).
 """
-import copy
-import math
-import time
 from contextlib import contextmanager
 from functools import partial
 
@@ -28,24 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.shapes import PARTNER, SHAPES, caption, exist_question
-from vlm import CAPTION_PROMPT, answer_positions, blank_like, prefix_lm_mask, row_images
-
-LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
-
-
-def answer_logprob(model, images, prompt, answer):
-    """log pi(answer | image, prompt), summed over the answer's real tokens -> (B,)."""
-    logits = answer_positions(model.logits(images, prompt, answer), answer.shape[1])  # (B, A, V)
-    logp = logits.log_softmax(-1).gather(-1, answer[..., None])[..., 0]  # (B, A)
-    real = answer != model.tok.pad_id
-    return (logp.masked_fill(~real, 0.0)).sum(1)
-
-
-def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1):
-    """DPO on summed log-probabilities of the preferred (w) and dispreferred (l) answers -> scalar."""
-    margin = (pi_w - ref_w) - (pi_l - ref_l)  # (B,)
-    return -F.logsigmoid(beta * margin).mean()
+from data.shapes import SHAPES, caption, exist_question
+from preference import hallucinated_caption
+from vlm import CAPTION_PROMPT, blank_like, prefix_lm_mask, row_images
 
 
 def principal_direction(diffs, pca=False):
@@ -208,19 +187,6 @@ def visual_directions(model, images, gen, trials=4, keep=0.01, pca=False):
     return out
 
 
-def hallucinated_caption(objs, rng, shape=None):
-    """The scene's caption with the missing partner of a present shape added (the same colour and
-    size as its trigger, last in reading order), or None if none is missing; shape: add that one
-    instead (the random-negative control), like a random object of the scene."""
-    shapes = objs[:, 0].tolist()
-    triggers = [k for k, s in enumerate(shapes) if PARTNER[s] not in shapes]
-    if not triggers and shape is None:
-        return None
-    extra = objs[int(rng.choice(triggers or range(len(shapes))))].copy()
-    extra[0] = PARTNER[int(extra[0])] if shape is None else shape
-    return caption(np.concatenate([objs, extra[None]]))
-
-
 @torch.no_grad()
 def textual_directions(model, data, n_scenes, device, seed=0, pca=False):
     """Per fused block: the last caption token's state for the true caption minus that for the one
@@ -238,82 +204,3 @@ def textual_directions(model, data, n_scenes, device, seed=0, pca=False):
     states = block_outputs(model.blocks, lambda: model.run(x, prefix_lm_mask(key_valid, n_prefix)))
     rows = torch.arange(len(scenes), device=x.device)
     return [principal_direction(s[rows, last][0::2] - s[rows, last][1::2], pca) for s in states]
-
-
-# ---------------------------------------------------------------------------------------------
-# Preference training (DPO, as POVID)
-
-def preference_pool(data, n_scenes, negatives, rng):
-    """Training scenes with a trigger whose partner is missing -> (scenes, prompts, chosen, rejected):
-    "is there a {partner}?" no over yes, and the true caption over the one with the partner added;
-    negatives="random": a random absent shape that is no missing partner, in both, instead."""
-    train = data.shapes["train"]
-    scenes, prompts, chosen, rejected = [], [], [], []
-    for i in rng.permutation(len(train)).tolist():
-        objs = train.scene(i)
-        shapes = set(objs[:, 0].tolist())
-        missing = sorted({PARTNER[s] for s in shapes} - shapes)
-        plain = [s for s in range(len(SHAPES)) if s not in shapes and s not in missing]
-        if not missing or not plain:
-            continue
-        wrong = int(rng.choice(missing if negatives == "partner" else plain))
-        scenes += [i, i]
-        prompts += [exist_question(wrong), CAPTION_PROMPT]
-        chosen += ["no", caption(objs)]
-        rejected += ["yes", hallucinated_caption(objs, rng, wrong)]
-        if len(scenes) >= 2 * n_scenes:
-            break
-    return scenes, prompts, chosen, rejected
-
-
-@torch.no_grad()
-def distorted_answers(model, data, scenes, device, noise_step=500, seed=0):
-    """POVID's other negatives: the model's own captions of the scenes under diffusion noise
-    (VCD's distortion), kept where they differ from the truth -> (scenes, prompts, chosen, rejected)."""
-    from decoding import noise_coefficients
-    a, s = noise_coefficients(noise_step)
-    b = data.make_batch("train", np.array(scenes), [(CAPTION_PROMPT, "")] * len(scenes), device)
-    images = row_images(b)
-    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    said = model.texts(model.generate(a * images + s * eps, b["prompt"], max_new_tokens=40))
-    truth = [caption(data.shapes["train"].scene(i)) for i in scenes]
-    keep = [j for j in range(len(scenes)) if said[j] != truth[j] and said[j]]
-    return ([scenes[j] for j in keep], [CAPTION_PROMPT] * len(keep), [truth[j] for j in keep],
-            [said[j] for j in keep])
-
-
-def preference_batch(data, pool, rows, device):
-    """Pool rows -> (chosen batch, rejected batch), the same scenes and prompts."""
-    scenes, prompts, good, bad = ([part[j] for j in rows] for part in pool)
-    return (data.make_batch("train", np.array(scenes), list(zip(prompts, good)), device),
-            data.make_batch("train", np.array(scenes), list(zip(prompts, bad)), device))
-
-
-def batch_logprob(model, b):
-    return answer_logprob(model, row_images(b), b["prompt"], b["answer"])
-
-
-def preference_tune(model, data, how, steps, seed, device, n_scenes=400, batch_size=32, lr=1e-4, beta=0.1):
-    """A copy of model tuned `steps` steps: how = dpo (partner negatives, and captions of a distorted
-    image), dpo-random (random absent shapes instead of partners) or sft (plain fine-tuning on the
-    preferred answers: is it the preference, or just more training?) -> (model, seconds)."""
-    t0, rng = time.time(), np.random.default_rng([seed, 23])
-    pool = preference_pool(data, n_scenes, "random" if how == "dpo-random" else "partner", rng)
-    extra = distorted_answers(model, data, sorted(set(pool[0]))[:n_scenes // 2], device, seed=seed)
-    pool = [a + b for a, b in zip(pool, extra)]
-    ref = model
-    policy = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(steps):
-        chosen, rejected = preference_batch(data, pool, rng.choice(len(pool[0]), batch_size), device)
-        if how == "sft":
-            loss = policy(chosen)[0]
-        else:
-            with torch.no_grad():
-                ref_w, ref_l = batch_logprob(ref, chosen), batch_logprob(ref, rejected)
-            pi_w, pi_l = batch_logprob(policy, chosen), batch_logprob(policy, rejected)
-            loss = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return policy.eval(), time.time() - t0

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 import cures
+import preference
 import vlm
 from tests.conftest import VLM_TINY
 
 
 def test_dpo_loss_by_hand():
     z = torch.zeros(3)
-    assert cures.dpo_loss(z, z, z, z).item() == pytest.approx(cures.LOG2)  # pi = ref: log 2
+    assert preference.dpo_loss(z, z, z, z).item() == pytest.approx(preference.LOG2)  # pi = ref: log 2
     pi_w, pi_l, ref_w, ref_l = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
     margin = (-1 + 2) - (-3 + 2)  # 2
-    assert cures.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5).item() == pytest.approx(
+    assert preference.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5).item() == pytest.approx(
         -math.log(1 / (1 + math.exp(-0.5 * margin))))
-    assert cures.dpo_loss(pi_l, pi_w, ref_w, ref_l).item() > cures.LOG2  # preferring the loser costs
+    assert preference.dpo_loss(pi_l, pi_w, ref_w, ref_l).item() > preference.LOG2  # preferring the loser costs
 
 
 def test_answer_logprob_sums_the_answer_tokens():
@@ -29,7 +30,7 @@ def test_answer_logprob_sums_the_answer_tokens():
     b = data.make_batch("val", np.arange(2), pairs, "cpu")
     images = vlm.row_images(b)
     with torch.no_grad():
-        got = cures.answer_logprob(model, images, b["prompt"], b["answer"])
+        got = preference.answer_logprob(model, images, b["prompt"], b["answer"])
         logits = model.answer_logits(images, b["prompt"], b["answer"]).log_softmax(-1)
     for row in range(2):
         ids = [t for t in b["answer"][row].tolist() if t != data.tok.pad_id]
@@ -133,14 +134,14 @@ def test_vti_steering_hooks_masked_copies_and_directions(tiny_vlm):
 
 
 def test_hallucinated_caption_adds_the_missing_partner():
-    from data.shapes import PARTNER, SHAPES
+    from data.shapes import PARTNER
     objs = np.array([[0, 1, 0, 3], [2, 0, 1, 5]])  # a circle (partner: square) and a triangle (star)
     rng = np.random.default_rng(0)
-    bad = cures.hallucinated_caption(objs, rng)
+    bad = preference.hallucinated_caption(objs, rng)
     square = np.array([[PARTNER[0], 1, 0, 3]])  # the trigger's colour and size
     star = np.array([[PARTNER[2], 0, 1, 5]])
     assert bad in (cures.caption(np.concatenate([objs, square])), cures.caption(np.concatenate([objs, star])))
-    assert cures.hallucinated_caption(np.array([[0, 1, 0, 3], [1, 0, 1, 5]]), rng) is None  # both there
+    assert preference.hallucinated_caption(np.array([[0, 1, 0, 3], [1, 0, 1, 5]]), rng) is None  # both there
 
 
 def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
@@ -148,7 +149,7 @@ def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
     model, data = tiny_vlm
     train = data.shapes["train"]
     for negatives in ("partner", "random"):
-        pool = cures.preference_pool(data, 10, negatives, np.random.default_rng(0))
+        pool = preference.preference_pool(data, 10, negatives, np.random.default_rng(0))
         scenes, prompts, chosen, rejected = pool
         assert len(scenes) == 20 and chosen[0::2] == ["no"] * 10 and rejected[0::2] == ["yes"] * 10
         for i, q in zip(scenes[0::2], prompts[0::2]):
@@ -158,11 +159,11 @@ def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
             assert asked not in shapes and (asked in missing) == (negatives == "partner")
         for i, good, bad in zip(scenes[1::2], chosen[1::2], rejected[1::2]):
             assert good == cures.caption(train.scene(i)) and bad.startswith(good.split(" and ")[0])
-    pool = cures.preference_pool(data, 4, "partner", np.random.default_rng(0))
-    chosen, rejected = cures.preference_batch(data, pool, [0, 1, 2], "cpu")
+    pool = preference.preference_pool(data, 4, "partner", np.random.default_rng(0))
+    chosen, rejected = preference.preference_batch(data, pool, [0, 1, 2], "cpu")
     with torch.no_grad():  # the policy is still the reference: log 2
-        w, l = cures.batch_logprob(model, chosen), cures.batch_logprob(model, rejected)
-    assert cures.dpo_loss(w, l, w, l).item() == pytest.approx(cures.LOG2)
-    tuned, _ = cures.preference_tune(model, data, "dpo", 3, 0, "cpu", n_scenes=8, batch_size=4)
+        w, l = preference.batch_logprob(model, chosen), preference.batch_logprob(model, rejected)
+    assert preference.dpo_loss(w, l, w, l).item() == pytest.approx(preference.LOG2)
+    tuned, _ = preference.preference_tune(model, data, "dpo", 3, 0, "cpu", n_scenes=8, batch_size=4)
     assert tuned is not model and any((p - q).abs().max() > 0 for p, q in
                                       zip(tuned.parameters(), model.parameters()))
