@@ -15,15 +15,26 @@
 Preference training (DPO) lives in `preference.py`. `python cures.py` runs every cure beside its
 control on the study's model (see main).
 """
-from contextlib import contextmanager
+import json
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.shapes import SHAPES, caption, exist_question
-from preference import hallucinated_caption
+import vlm
+from common import at_least, pick_device
+from config import cli, config_help, parse_overrides, usage
+from data import to_tensor
+from data.shapes import PARTNER, SHAPES, caption, exist_question
+from decoding import METHODS
+from hallucination import COLUMNS, StudyConfig, check_study, plot_bars, run_method, study_model, table
+from measures import shape_stats
+from preference import hallucinated_caption, preference_tune
 from vlm import CAPTION_PROMPT, blank_like, prefix_lm_mask, row_images
 
 
@@ -204,3 +215,111 @@ def textual_directions(model, data, n_scenes, device, seed=0, pca=False):
     states = block_outputs(model.blocks, lambda: model.run(x, prefix_lm_mask(key_valid, n_prefix)))
     rows = torch.arange(len(scenes), device=x.device)
     return [principal_direction(s[rows, last][0::2] - s[rows, last][1::2], pca) for s in states]
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: every cure beside its own control, on the study's model
+
+@dataclass
+class CureConfig(StudyConfig):
+    halved_ckpt: str = ""        # the study's VLM on the world with the bias halved; default out_dir/halved
+    k_heads: int = 4             # VHR: heads scaled (of n_layer x n_head)
+    gamma: float = 2.0           # VHR: their outputs' scale
+    vti_alpha: float = 0.1       # VTI: steering strength (normalised steering: about 6 degrees at 0.1)
+    n_calib: int = 64            # training scenes for VHD scores and VTI directions
+    dpo_steps: int = 300         # DPO and its controls: tuning steps from the study model
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "k_heads", "n_calib", "dpo_steps")
+        at_least(self, 0, "gamma", "vti_alpha")
+
+
+@contextmanager
+def vti(model, visual, textual, alpha):
+    """VTI: the tower's blocks steered along the visual directions, the stack's along the textual."""
+    with steered(model.vision.blocks, visual, alpha), steered(model.blocks, textual, alpha):
+        yield
+
+
+def cure_rows(model, models, data, cc, seed, device):
+    """One seed's rows -> [(name, model, method, context, training seconds)]: each cure, then its
+    controls. The heads, directions and preference pairs are drawn from the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    greedy, k = METHODS["greedy"], cc.k_heads
+    vhd = vhd_scores(model, data, cc.n_calib, device, seed)
+    scenes = np.random.default_rng([seed, 29]).choice(len(data.shapes["train"]), cc.n_calib, replace=False)
+    images = to_tensor(data.shapes["train"].images[np.sort(scenes)], device)
+    visual, textual = visual_directions(model, images, gen), textual_directions(model, data, cc.n_calib,
+                                                                                device, seed)
+    rows = [("greedy", model, greedy, nullcontext(), 0.0)]
+    for name in ("M3ID (greedy)", "DeCo (greedy)"):
+        rows.append((name, model, METHODS[name], nullcontext(), 0.0))
+    for how, name in (("top", f"VHR: top {k} heads x {cc.gamma}"), ("random", f"control: {k} random heads"),
+                      ("least", f"control: {k} least vision-aware heads")):
+        rows.append((name, model, greedy, scaled_heads(model, pick_heads(vhd, k, how, gen), cc.gamma), 0.0))
+    rows.append(("VTI: visual + textual directions", model, greedy, vti(model, visual, textual, cc.vti_alpha),
+                 0.0))
+    rows.append(("control: random directions, same norms", model, greedy,
+                 vti(model, random_like(visual, gen), random_like(textual, gen), cc.vti_alpha), 0.0))
+    for how, name in (("dpo", "DPO (partner negatives)"), ("sft", "control: fine-tuning on the preferred"),
+                      ("dpo-random", "control: DPO, random-shape negatives")):
+        tuned, seconds = preference_tune(model, data, how, cc.dpo_steps, seed, device)
+        rows.append((name, tuned, greedy, nullcontext(), seconds))
+    rows += [("data: unbiased world", models["unbiased"], greedy, nullcontext(), 0.0),
+             ("data: bias halved", models["halved"], greedy, nullcontext(), 0.0)]
+    return rows
+
+
+def partner_yes_rate(records, val):
+    """Of the POPE questions about a missing partner of a present shape: the share answered yes."""
+    said = []
+    for r in records:
+        objs = val.scene(r["scene"])
+        shapes = set(objs[:, 0].tolist())
+        asked = SHAPES.index(r["question"].split()[-1].rstrip("?"))
+        if r["label"] == "no" and asked in {PARTNER[s] for s in shapes}:
+            said.append(r["parsed"] == "yes")
+    return float(np.mean(said)) if said else float("nan")
+
+
+CURE_COLUMNS = COLUMNS + [("partner_yes", "partner yes"), ("x_greedy", "x greedy"),
+                          ("train_min", "train min")]
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        return usage(__doc__.split("\n\n")[0] + "\n" + config_help(CureConfig), argv)
+    cc = CureConfig(**parse_overrides(argv, CureConfig))
+    device, out_dir = pick_device(cc.device), Path(cc.out_dir)
+    check_study(cc, out_dir)
+    model, cfg, ckpt = study_model(cc.ckpt, out_dir, "biased", device)
+    models = {"unbiased": study_model(cc.control_ckpt, out_dir, "unbiased", device)[0],
+              "halved": study_model(cc.halved_ckpt, out_dir, "halved", device)[0]}
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    stats = shape_stats(data.shapes["train"])
+    results, t_start = {}, time.time()
+    for seed in range(cc.seeds):
+        for name, m, method, context, train_seconds in cure_rows(model, models, data, cc, seed, device):
+            t0 = time.time()
+            with context:
+                figures, records = run_method(m, data, name, method, cc, seed, stats, device)
+            figures["seconds"], figures["train_min"] = time.time() - t0, train_seconds / 60
+            greedy_seconds = figures["seconds"] if name == "greedy" else results["greedy"][seed]["seconds"]
+            figures["x_greedy"] = figures["seconds"] / greedy_seconds
+            figures["partner_yes"] = partner_yes_rate(records, data.shapes["val"])
+            results.setdefault(name, []).append(figures)
+            print(f"seed {seed} {name:<40} POPE adv. F1 {100 * figures['pope_adversarial_f1']:.1f} | "
+                  f"partner yes {100 * figures['partner_yes']:.1f} | "
+                  f"CHAIR_i {100 * figures['chair_i']:.1f} | "
+                  f"{figures['seconds']:.0f} s", flush=True)
+    print(f"\n{table(results, CURE_COLUMNS, plain=('x_greedy', 'train_min'))}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cures.json").write_text(json.dumps({"config": asdict(cc), "methods": results}, indent=1))
+    plot_bars(results, out_dir / "cures.png")
+    print(f"wrote cures.json and cures.png to {out_dir} in {(time.time() - t_start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

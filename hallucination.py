@@ -129,7 +129,8 @@ def image_attention(model, images, prompt, answer):
 # The study: models, the table, the pictures
 
 STUDY_CONF = Path(__file__).parent / "config/vlm_study.conf"
-STUDY_MODELS = {"biased": [], "unbiased": ["--cooccur=0", "--skew=0"]}  # the world each is trained on
+# the world each is trained on: the study's, the unbiased control, and (for cures.py) the bias halved
+STUDY_MODELS = {"biased": [], "unbiased": ["--cooccur=0", "--skew=0"], "halved": ["--cooccur=0.45"]}
 
 
 def study_args(name, out_dir):
@@ -178,20 +179,21 @@ def mean_std(rows, key):
     return float(v.mean()), float(v.std())
 
 
-COLUMNS = [(f"pope_{s}_{m}", f"{s[:3]} {m}") for s in POPE_SPLITS for m in ("acc", "f1", "yes")] + \
-          [("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("recall", "recall")]
+COLUMNS = [(f"pope_{s}_{k}", f"{s[:3]} {label}") for s in POPE_SPLITS
+           for k, label in (("accuracy", "acc"), ("f1", "f1"), ("yes_ratio", "yes"))]
+COLUMNS += [("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("recall", "recall")]
 
 
-def table(results):
-    """{method: [figures per seed]} -> a markdown table of mean ± spread (std over seeds), in %."""
-    lines = ["| method | " + " | ".join(label for _, label in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+def table(results, columns=COLUMNS, plain=()):
+    """{method: [figures per seed]} -> a markdown table of mean ± spread (std over seeds), in %
+    but for the keys in `plain`."""
+    lines = ["| method | " + " | ".join(label for _, label in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for name, rows in results.items():
         cells = []
-        for key, _ in COLUMNS:
-            key = key.replace("_acc", "_accuracy").replace("_yes", "_yes_ratio")
+        for key, _ in columns:
             m, s = mean_std(rows, key)
-            cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
+            cells.append(f"{m:.2f} ± {s:.2f}" if key in plain else f"{100 * m:.1f} ± {100 * s:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ def test_dpo_loss_by_hand():
     margin = (-1 + 2) - (-3 + 2)  # 2
     assert preference.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5).item() == pytest.approx(
         -math.log(1 / (1 + math.exp(-0.5 * margin))))
-    assert preference.dpo_loss(pi_l, pi_w, ref_w, ref_l).item() > preference.LOG2  # preferring the loser costs
+    assert preference.dpo_loss(pi_l, pi_w, ref_w, ref_l).item() > preference.LOG2  # preferring the loser
 
 
 def test_answer_logprob_sums_the_answer_tokens():
@@ -167,3 +167,20 @@ def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
     tuned, _ = preference.preference_tune(model, data, "dpo", 3, 0, "cpu", n_scenes=8, batch_size=4)
     assert tuned is not model and any((p - q).abs().max() > 0 for p, q in
                                       zip(tuned.parameters(), model.parameters()))
+
+
+def test_the_cures_table_runs_every_cure_beside_its_controls(tmp_path):
+    import json
+    from tests.conftest import VLM_ARGS, run
+    out = tmp_path / "vlm"
+    run("train.py", "vlm", *VLM_ARGS, "--batch_size=4", "--max_iters=2", "--eval_iters=1", f"--out_dir={out}")
+    ckpt = out / "ckpt.pt"
+    p = run("cures.py", f"--ckpt={ckpt}", f"--control_ckpt={ckpt}", f"--halved_ckpt={ckpt}", "--seeds=1",
+            "--n_scenes=6", "--n_captions=4", "--n_calib=4", "--dpo_steps=2", "--k_heads=2",
+            f"--out_dir={tmp_path / 'cures'}")
+    results = json.loads((tmp_path / "cures/cures.json").read_text())["methods"]
+    names = list(results)
+    assert names[0] == "greedy" and len(names) == 13 and "x greedy" in p.stdout
+    assert any(n.startswith("control: 2 random heads") for n in names) and "DPO (partner negatives)" in names
+    assert results["greedy"][0]["x_greedy"] == 1.0 and results["DPO (partner negatives)"][0]["train_min"] > 0
+    assert (tmp_path / "cures/cures.png").stat().st_size > 0

@@ -35,8 +35,8 @@ def test_lr_schedule_warms_up_then_follows_the_cosine_to_its_floor():
 
 def test_every_module_imports_without_resource_and_fcntl():
     modules = ["common", "checkpoints", "config", "train", "sample", "bench", "mae", "mlm", "vlm",
-               "hallucination", "causes", "cures", "decoding", "measures", "data", "data.shapes",
-               "data.images", "data.text", "data.bpe", "data.pairs", "data.captioned"]
+               "hallucination", "causes", "cures", "preference", "decoding", "measures", "data",
+               "data.shapes", "data.images", "data.text", "data.bpe", "data.pairs", "data.captioned"]
     code = ("import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None\n"  # as on Windows
             f"import importlib; [importlib.import_module(m) for m in {modules}]\n"
             "import common; assert common.peak_memory_mib() is None and common.fmt_mib(None) == 'n/a'\n"
@@ -83,8 +83,8 @@ def test_files_and_functions_read_in_one_sitting():
 
 def test_ideas_never_import_scripts():
     scripts = {"train", "sample", "bench"}
-    for name in ("mae", "mlm", "vlm", "hallucination", "causes", "cures", "decoding", "measures",
-                 "common", "checkpoints", "config"):
+    for name in ("mae", "mlm", "vlm", "hallucination", "causes", "cures", "preference", "decoding",
+                 "measures", "common", "checkpoints", "config"):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
