@@ -6,6 +6,7 @@ training configuration runs in a fresh process, so its peak memory is its own.
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -273,33 +274,52 @@ def bench_hallucination(bc):
           f"captions "
           f"({sc.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\nround running "
           f"every method once, and each ratio taken against greedy within a round\n")
-    runs = [(name, m, True) for name, m in decoding.METHODS.items()]
-    runs.append(("VCD (greedy), every row", decoding.METHODS["VCD (greedy)"], False))
+    runs = [(name, m, True, nullcontext) for name, m in decoding.METHODS.items()]
+    runs.append(("VCD (greedy), every row", decoding.METHODS["VCD (greedy)"], False, nullcontext))
+    runs += cure_runs(model, data, device)
     tasks = ((pope, 3), (caps, sc.caption_tokens))
 
-    def run(method, gate, b, n_tokens):
+    def run(method, gate, context, b, n_tokens):
         images, gen = vlm.row_images(b), torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        n = decoding.decode(model, images, b["prompt"], method, sc, n_tokens, gen, gate)[2]
+        with context():
+            n = decoding.decode(model, images, b["prompt"], method, sc, n_tokens, gen, gate)[2]
         return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
 
     read = {}  # the share of rows the second branch reads; this first round is also the warm-up
-    for name, m, gate in runs:
+    for name, m, gate, context in runs:
         for k, task in enumerate(tasks):
-            read[name, k] = run(m, gate, *task)[1]
+            read[name, k] = run(m, gate, context, *task)[1]
     times = {key: [] for key in read}
     for k, task in enumerate(tasks):
         for _ in range(bc.steps):  # round robin: a slow spell of a shared machine hits every method alike
-            for name, m, gate in runs:
-                times[name, k].append(run(m, gate, *task)[0])
+            for name, m, gate, context in runs:
+                times[name, k].append(run(m, gate, context, *task)[0])
     print_ratios(runs, times, read)
+
+
+def cure_runs(model, data, device, n_calib=16):
+    """The decoding-time cures that are hooks, not decoding methods: VHR and VTI (cures.py's defaults),
+    calibrated on a few training scenes (their cost does not depend on which heads or directions)."""
+    import cures
+    import decoding
+    from data import to_tensor
+    cc, greedy = cures.CureConfig(), decoding.METHODS["greedy"]
+    heads = cures.pick_heads(cures.vhd_scores(model, data, n_calib, device), cc.k_heads, "top")
+    images = to_tensor(data.shapes["train"].images[:n_calib], device)
+    visual = cures.visual_directions(model, images, torch.Generator().manual_seed(0))
+    textual = cures.textual_directions(model, data, n_calib, device)
+    return [(f"VHR (top {cc.k_heads} heads x {cc.gamma})", greedy, True,
+             partial(cures.scaled_heads, model, heads, cc.gamma)),
+            (f"VTI (alpha {cc.vti_alpha})", greedy, True,
+             partial(cures.vti, model, visual, textual, cc.vti_alpha))]
 
 
 def print_ratios(runs, times, read):
     """ms per answer and, per round, the ratio to greedy in the same round (drift cancels): medians."""
     print(f"{'method':<34}{'ms / POPE answer':>17}{'ms / caption':>14}{'x greedy (POPE, caption)':>26}"
           f"{'rows 2nd branch read':>24}")
-    for name, m, _ in runs:
+    for name, m, *_ in runs:
         ms = [np.median(times[name, k]) for k in range(2)]
         x = [np.median(np.array(times[name, k]) / np.array(times[runs[0][0], k])) for k in range(2)]
         share = ", ".join(f"{100 * read[name, k]:.0f}%" for k in range(2)) if m.second else "-"
