@@ -196,11 +196,11 @@ def states_of(model, data, split, items, device, batch_size=256):
     return torch.cat(out, dim=1)
 
 
-def layer_report(model, data, device, n_train=2000, n_val=500):
+def layer_report(model, data, device, n_train=2000, n_val=500, seed=0):
     """Per layer: the logit lens's and a linear probe's existence accuracy on val questions, on all of
     them and on those the model's output gets wrong -> {name: [accuracy per layer]}."""
-    train_items = existence_items(data.shapes["train"], n_train, 0)
-    val_items = existence_items(data.shapes["val"], n_val, 1)
+    train_items = existence_items(data.shapes["train"], n_train, 2 * seed)
+    val_items = existence_items(data.shapes["val"], n_val, 2 * seed + 1)
     x_train, x_val = states_of(model, data, "train", train_items, device), states_of(model, data, "val",
                                                                                     val_items, device)
     y_train = torch.tensor([c[2] for c in train_items])
@@ -239,7 +239,7 @@ def plot_layers(report, path):
 class MapConfig:
     cooccur: str = "0,0.45,0.9"  # the grid: co-occurrence strengths (0.45: the study's bias halved) ...
     noise: str = "0,0.2,0.4"     # ... x pixel noise std (a fraction of 255)
-    seeds: int = 1               # training seeds per cell (3 for the spreads the reading relies on)
+    seeds: int = 1               # training seeds per cell; with --ckpt, evaluation seeds
     max_iters: int = 3000        # every cell's VLM budget, the same for all (the study model's)
     n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
     config: str = ""             # a config file for every cell's `train.py vlm` (a smaller model, say)
@@ -352,18 +352,21 @@ def plot_map(mc, grid, path):
 
 
 def one_model(mc, device, out_dir):
-    """BEAF and the layer reading of one VLM -> out_dir/beaf_layers.json and layers.png."""
+    """BEAF and the layer reading of one VLM, per evaluation seed -> beaf_layers.json, layers.png (mean)."""
     _, model, cfg, ckpt = load_model("vlm", mc.ckpt, device)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
-    edits = beaf_edits(data.shapes["val"], mc.n_scenes, 0)
-    beaf = beaf_table(beaf_answers(model, data, "val", edits, StudyConfig(), device))
-    report = layer_report(model, data, device)
+    beafs, reports = [], []
+    for seed in range(mc.seeds):
+        edits = beaf_edits(data.shapes["val"], mc.n_scenes, seed)
+        beafs.append(beaf_table(beaf_answers(model, data, "val", edits, StudyConfig(), device)))
+        reports.append(layer_report(model, data, device, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "beaf_layers.json").write_text(json.dumps({"beaf": beaf, "layers": report}, indent=1))
-    plot_layers(report, out_dir / "layers.png")
-    for kind, m in beaf.items():
-        figures = " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
-        print(f"BEAF {kind:<8} {figures} | n {m['n']}")
+    (out_dir / "beaf_layers.json").write_text(json.dumps({"beaf": beafs, "layers": reports}, indent=1))
+    plot_layers({k: np.mean([r[k] for r in reports], 0).tolist() for k in reports[0]}, out_dir / "layers.png")
+    for kind, m in beafs[0].items():
+        per_seed = {k: [b[kind][k] for b in beafs] for k in m}  # measure -> one value per seed
+        cells = [f"{k} {np.mean(v):.3f} ± {np.std(v):.3f}" for k, v in per_seed.items()]
+        print(f"BEAF {kind:<8}", " | ".join(cells))
     print(f"wrote beaf_layers.json and layers.png to {out_dir}")
     return 0
 
