@@ -45,3 +45,12 @@ def run(*args, check=True, env=None, timeout=300):
     if check and p.returncode:
         raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def tiny_vlm(**overrides):
+    """A tiny untrained VLM (seeded) of VLM_TINY's shapes and its data -> (model in eval mode, data)."""
+    import vlm
+    torch.manual_seed(0)
+    cfg = vlm.Config(**{**VLM_TINY, **overrides})
+    data = vlm.Data(cfg, seed=0, verbose=False)
+    return vlm.VLM(cfg, data.tok).eval(), data

@@ -8,15 +8,12 @@ import causes
 import vlm
 from data.shapes import PARTNER, render_scene
 from hallucination import StudyConfig
-from tests.conftest import VLM_TINY, run
+from tests.conftest import VLM_TINY, run, tiny_vlm
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = vlm.Config(**{**VLM_TINY, "n_train": 200, "n_eval": 60, "cooccur": 0.9, "noise": 0.05})
-    data = vlm.Data(cfg, seed=0, verbose=False)
-    return vlm.VLM(cfg, data.tok).eval(), data
+    return tiny_vlm(n_train=200, n_eval=60, cooccur=0.9, noise=0.05)
 
 
 def test_a_removal_changes_only_that_objects_cell(tiny):

@@ -8,7 +8,7 @@ import torch
 import cures
 import preference
 import vlm
-from tests.conftest import VLM_TINY
+from tests.conftest import tiny_vlm
 
 
 def test_dpo_loss_by_hand():
@@ -21,11 +21,8 @@ def test_dpo_loss_by_hand():
     assert preference.dpo_loss(pi_l, pi_w, ref_w, ref_l).item() > preference.LOG2  # preferring the loser
 
 
-def test_answer_logprob_sums_the_answer_tokens():
-    torch.manual_seed(0)
-    cfg = vlm.Config(**VLM_TINY)
-    data = vlm.Data(cfg, seed=0, verbose=False)
-    model = vlm.VLM(cfg, data.tok).eval()
+def test_answer_logprob_sums_the_answer_tokens(tiny):
+    model, data = tiny
     pairs = [("is there a star?", "yes"), ("describe the image.", "a red circle")]
     b = data.make_batch("val", np.arange(2), pairs, "cpu")
     images = vlm.row_images(b)
@@ -56,15 +53,12 @@ def test_steering_keeps_norms_and_follows_the_direction():
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm():
-    torch.manual_seed(0)
-    cfg = vlm.Config(**VLM_TINY)
-    data = vlm.Data(cfg, seed=0, verbose=False)
-    return vlm.VLM(cfg, data.tok).eval(), data
+def tiny():
+    return tiny_vlm()
 
 
-def test_head_scale_gamma_one_is_the_model_and_one_head_scales_alone(tiny_vlm):
-    model, data = tiny_vlm
+def test_head_scale_gamma_one_is_the_model_and_one_head_scales_alone(tiny):
+    model, data = tiny
     b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
     images = vlm.row_images(b)
     every = [(l, h) for l in range(len(model.blocks)) for h in range(model.cfg.n_head)]
@@ -87,8 +81,8 @@ def test_head_scale_gamma_one_is_the_model_and_one_head_scales_alone(tiny_vlm):
     assert not model.blocks[0].attn.proj._forward_pre_hooks  # the hooks are gone after the block
 
 
-def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny_vlm):
-    model, data = tiny_vlm
+def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny):
+    model, data = tiny
     model = copy.deepcopy(model)
     C, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
     with torch.no_grad():  # head 1 of layer 0 reads nothing: its values are zero
@@ -105,8 +99,8 @@ def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny_vlm):
     assert r1 == r2 and len(set(r1)) == 4
 
 
-def test_vti_steering_hooks_masked_copies_and_directions(tiny_vlm):
-    model, data = tiny_vlm
+def test_vti_steering_hooks_masked_copies_and_directions(tiny):
+    model, data = tiny
     b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
     images = vlm.row_images(b)
     gen = torch.Generator().manual_seed(0)
@@ -144,9 +138,9 @@ def test_hallucinated_caption_adds_the_missing_partner():
     assert preference.hallucinated_caption(np.array([[0, 1, 0, 3], [1, 0, 1, 5]]), rng) is None  # both there
 
 
-def test_preference_pool_negatives_and_a_dpo_step(tiny_vlm):
+def test_preference_pool_negatives_and_a_dpo_step(tiny):
     from data.shapes import PARTNER, SHAPES
-    model, data = tiny_vlm
+    model, data = tiny
     train = data.shapes["train"]
     for negatives in ("partner", "random"):
         pool = preference.preference_pool(data, 10, negatives, np.random.default_rng(0))

@@ -10,7 +10,7 @@ import hallucination as H
 import measures as M
 import vlm
 from data.shapes import PARTNER, SHAPES
-from tests.conftest import VLM_TINY
+from tests.conftest import tiny_vlm
 
 
 def test_contrastive_logits_by_hand():
@@ -96,10 +96,7 @@ def test_chair_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = vlm.Config(**{**VLM_TINY, "n_train": 400, "n_eval": 60, "cooccur": 0.9})
-    data = vlm.Data(cfg, seed=0, verbose=False)
-    model = vlm.VLM(cfg, data.tok).eval()
+    model, data = tiny_vlm(n_train=400, n_eval=60, cooccur=0.9)
     with torch.no_grad():
         model.head_bias.normal_(0, 3)
     return model, data

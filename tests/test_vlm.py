@@ -8,15 +8,12 @@ import vlm
 from checkpoints import load_checkpoint
 from common import UserError
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
-from tests.conftest import VLM_ARGS, VLM_TINY, overfit, run
+from tests.conftest import VLM_ARGS, VLM_TINY, overfit, run, tiny_vlm
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = vlm.Config(**VLM_TINY)
-    data = vlm.Data(cfg, seed=0, verbose=False)
-    return vlm.VLM(cfg, data.tok).eval(), data
+    return tiny_vlm()
 
 
 def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
