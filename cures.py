@@ -225,7 +225,7 @@ class CureConfig(StudyConfig):
     halved_ckpt: str = ""        # the study's VLM on the world with the bias halved; default out_dir/halved
     k_heads: int = 4             # VHR: heads scaled (of n_layer x n_head)
     gamma: float = 2.0           # VHR: their outputs' scale
-    vti_alpha: float = 0.1       # VTI: steering strength (normalised steering: about 6 degrees at 0.1)
+    vti_alpha: float = 0.05      # VTI: steering strength (normalised: ~3 degrees; 0.1 broke captions)
     n_calib: int = 64            # training scenes for VHD scores and VTI directions
     dpo_steps: int = 300         # DPO and its controls: tuning steps from the study model
 
