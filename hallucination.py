@@ -23,7 +23,8 @@ from common import UserError, at_least, check_writable, draw_grid, pick_device, 
 from config import cli, config_help, parse_overrides, usage
 from data.shapes import SHAPES, caption, exist_question
 from decoding import METHODS, decode
-from measures import POPE_SPLITS, chair, marked, parse_yes_no, pope_metrics, pope_questions, shape_stats
+from measures import (POPE_SPLITS, chair, marked, parse_yes_no, pope_metrics, pope_questions, pope_rule,
+                      shape_stats)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def pope_run(model, data, name, method, sc, seed, stats, gen, device, batch_size
     out, records = {}, []
     for split in POPE_SPLITS:
         qs = pope_questions(data.shapes["val"], split, sc.n_scenes, seed, *stats)
-        labels, by_text, by_prob = [], [], []
+        labels, by_text, by_prob, by_rule = [], [], [], []
         for k in range(0, len(qs), batch_size):
             chunk = qs[k:k + batch_size]
             b = data.make_batch("val", np.array([c[0] for c in chunk]),
@@ -75,11 +76,14 @@ def pope_run(model, data, name, method, sc, seed, stats, gen, device, batch_size
             for (scene, shape, label), raw, s in zip(chunk, model.texts(tokens), first):
                 labels.append(label)
                 by_text.append(parse_yes_no(raw))
+                by_rule.append(pope_rule(raw))
                 by_prob.append("yes" if s[yes] > s[no] else "no")
                 records.append({"scene": scene, "split": split, "question": exist_question(shape),
                                 "label": label, "method": name, "seed": seed, "parsed": by_text[-1],
                                 "raw": raw})
         out.update({f"pope_{split}_{k}": v for k, v in pope_metrics(labels, by_text).items()})
+        out.update({f"pope_{split}_rule_{k}": v for k, v in pope_metrics(labels, by_rule).items()
+                    if k in ("accuracy", "f1")})  # POPE's own answer rule, as papers report
         by_prob_figures = pope_metrics(labels, by_prob)
         out.update({f"pope_{split}_prob_{k}": v for k, v in by_prob_figures.items() if k != "unparsable"})
     return out, records

@@ -73,6 +73,14 @@ def parse_yes_no(text):
     return words[0] if words and words[0] in ("yes", "no") else None
 
 
+def pope_rule(text):
+    """POPE's own reading of an answer (RUCAIBox/POPE evaluate.py): the first sentence, commas
+    dropped, is 'no' if 'No', 'no' or 'not' is one of its words, else 'yes' (so an empty or
+    unrelated answer counts as yes). Reported beside the strict parse, so figures compare with papers."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
 def chair(captions, scenes):
     """captions: texts; scenes: object arrays. -> CHAIR_i, CHAIR_s, recall (shapes as the objects;
     a shape said twice where there is one counts one hallucination)."""

@@ -81,6 +81,10 @@ def test_pope_metrics_and_strict_parser():
     assert m["accuracy"] == 4 / 6 and m["precision"] == 2 / 3 and m["recall"] == 2 / 3
     assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == 3 / 6 and m["unparsable"] == 1
     assert M.parse_yes_no("Yes.") == "yes" and M.parse_yes_no("no, there is not") == "no"
+    # POPE's rule: the first sentence's words; no/No/not -> no, anything else (even nothing) -> yes
+    assert [M.pope_rule(t) for t in ("No, there is not.", "Yes. There is no cat.", "there is not a star",
+                                     "", "a square", "nothing", "No.")] == [
+        "no", "yes", "no", "yes", "yes", "yes", "no"]
     assert M.parse_yes_no("a square") is None and M.parse_yes_no("") is None
     assert M.parse_yes_no("yesterday") is None
 
