@@ -66,6 +66,16 @@ def random_like(directions, gen):
     return out
 
 
+@contextmanager
+def hooked(handles):
+    """The hooks `handles` stay on the model for the block, and are removed after it, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention heads (VHR)
 
@@ -89,11 +99,8 @@ def scaled_heads(model, heads, gamma):
         for h in hs:
             scale[h * C // attn.n_head:(h + 1) * C // attn.n_head] = gamma
         handles.append(attn.proj.register_forward_pre_hook(partial(scale_input, scale)))
-    try:
+    with hooked(handles):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -104,12 +111,8 @@ def head_outputs(model, images, prompt):
     def hook(proj, args):
         y = args[0][:, -1]  # (B, C)
         outs.append(y.view(y.shape[0], model.cfg.n_head, -1))  # (B, h, hd)
-    handles = [blk.attn.proj.register_forward_pre_hook(hook) for blk in model.blocks]
-    try:
+    with hooked([blk.attn.proj.register_forward_pre_hook(hook) for blk in model.blocks]):
         model.start(images, prompt)
-    finally:
-        for h in handles:
-            h.remove()
     return torch.stack(outs)  # (L, B, h, hd)
 
 
@@ -153,23 +156,16 @@ def steer_output(direction, alpha, module, args, out):
 def steered(modules, directions, alpha):
     """Within the block, each module's output is steered along its direction (VTI)."""
     handles = [m.register_forward_hook(partial(steer_output, d, alpha)) for m, d in zip(modules, directions)]
-    try:
+    with hooked(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
 def block_outputs(blocks, run):
     """Each block's output while run() runs -> [tensor per block]."""
     outs = []
-    handles = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in blocks]
-    try:
+    with hooked([b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in blocks]):
         run()
-    finally:
-        for h in handles:
-            h.remove()
     return outs
 
 
