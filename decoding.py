@@ -102,7 +102,7 @@ def transform(img, k):
 @dataclass(frozen=True)
 class Method:
     second: str = ""      # the second branch's image: noised, blank, transformed, or none
-    mix: str = ""         # how the two branches mix: vcd (contrast), ritual (sum) or m3id (growing contrast)
+    mix: str = ""         # vcd (contrast), ritual (sum), m3id (growing contrast); deco: earlier layers
     cut: bool = False     # the plausibility cut on the clean logits (every two-branch method has it)
     sample: bool = False  # sample at T=1 (Gumbel max), else greedy
 
