@@ -176,12 +176,36 @@ def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
     return right / max(1, total)
 
 
+@torch.no_grad()
+def folder_scores(model, data, device, n=200):
+    """A user's folder: greedy answers to the first n held-out images' texts against theirs ->
+    exact-match accuracy of captions and of answers."""
+    rows, pairs = [], []
+    for i, r in enumerate(data.records["val"][:n]):
+        rows += [i] * len(data.texts(r))
+        pairs += data.texts(r)
+    said = []
+    for k in range(0, len(pairs), 256):
+        b = data.make_batch("val", np.array(rows[k:k + 256]), [(p, "") for p, _ in pairs[k:k + 256]], device)
+        said += model.texts(model.generate(row_images(b), b["prompt"], max_new_tokens=40))
+    right = [s.strip(" .").lower() == a.strip(" .").lower() for s, (_, a) in zip(said, pairs)]
+    is_caption = [p == CAPTION_PROMPT for p, _ in pairs]
+    out = {}
+    for name, keep in (("caption", is_caption), ("answer", [not c for c in is_caption])):
+        if any(keep):
+            out[f"val_{name}_exact"] = float(np.mean([r for r, k in zip(right, keep) if k]))
+    return out
+
+
 def evaluate(model, data, device):
     """Questions and captions on held-out val (biased) and ood (bias broken) scenes, and how much
-    the model uses its eyes: attribute words with the real image vs a blank one."""
+    the model uses its eyes: attribute words with the real image vs a blank one. A user's folder:
+    folder_scores."""
     model.eval()
     out = {}
-    for split in ("val", "ood"):
+    if model.cfg.dataset == "folder" and model.cfg.objective == "prefix":
+        out = folder_scores(model, data, device)
+    for split in ("val", "ood") if model.cfg.dataset == "shapes" else ():
         if model.cfg.objective == "prefix":
             for k, v in answer_questions(model, data, split, device).items():
                 out[f"{split}_q_{k}"] = v
@@ -197,7 +221,7 @@ def evaluate(model, data, device):
 def monitor(model, data, device, n_scenes=200):
     """Sight, cheaply, at every evaluation: the existence question of each of the first n_scenes `ood`
     scenes (balanced yes/no; the world's bias cannot help there) -> {'ood_exist': accuracy}."""
-    if model.cfg.objective != "prefix":
+    if model.cfg.objective != "prefix" or model.cfg.dataset == "folder":
         return {}
     model.eval()
     acc = answer_questions(model, data, "ood", device, n_scenes=n_scenes, kinds=("exist",))["all"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from checkpoints import load_checkpoint
 from common import UserError, at_least, check_writable, divisible, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
-from data.pairs import (CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, load_tokenizer,  # noqa: F401
+from data.pairs import (CAPTION_PROMPT, blank_like, length_groups, load_tokenizer, pairs,  # noqa: F401
                         row_images)
 from measures import evaluate, monitor  # noqa: F401  (the face train.py calls)
 from measures import plot_runs
@@ -41,6 +41,8 @@ MAX_TEXT = 128  # text positions (prompt + answer)
 class Config:
     img_size: int = 64
     patch_size: int = 8
+    dataset: str = "shapes"      # shapes (the world) | folder: --data_path=DIR (data/captioned.py)
+    data_path: str = ""
     n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
     n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
     n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
@@ -77,6 +79,7 @@ class Config:
         divisible(self, "n_embd", "n_head")
         divisible(self, "vision_n_embd", "vision_n_head")
         one_of(self, "objective", ("prefix", "mlm"))
+        one_of(self, "dataset", ("shapes", "folder"))
         one_of(self, "loss_mean", ("text", "token"))
         if not 0 <= self.cooccur <= 1:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
@@ -350,7 +353,7 @@ def cat_states(a, b):
 
 
 Model = VLM
-Data = ShapesPairs  # the shapes world's images with captions and questions (data/pairs.py)
+Data = pairs  # the shapes world's images with captions and questions, or a user's folder (data/)
 
 
 def answer_positions(x, A):

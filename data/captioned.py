@@ -12,10 +12,18 @@ convention first):
 Each record: {"file_name", "captions": [...], "qa": [(q, a)], "objects": [...] or None, "split"}.
 Held out: every 10th image (in file-name order) unless a `split` field says otherwise.
 """
+import hashlib
 import json
+import os
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from common import UserError
+from data import checked_cache, write_manifest
+from data.pairs import CAPTION_PROMPT, Pairs
+from data.shapes import CACHE_DIR
 
 MIN_IMAGES = 10
 
@@ -117,3 +125,78 @@ def read_folder(folder):
             raise UserError(f"{r['where']}: split {r['split']!r} must be train or val")
         del r["where"]
     return usable
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder as the VLM's pairs: the same face as the shapes world's
+
+def folder_key(folder, records, img_size):
+    """What identifies the decoded images: each file's name, size and modification time, the size."""
+    stats = [(r["file_name"], r["split"], os.path.getsize(Path(folder) / r["file_name"]),
+              os.stat(Path(folder) / r["file_name"]).st_mtime_ns) for r in records]
+    return hashlib.sha1(json.dumps([stats, img_size]).encode()).hexdigest()[:12]
+
+
+def build_images(out, folder, records, img_size):
+    from data.images import load_image
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for split in ("train", "val"):
+        images = [load_image(Path(folder) / r["file_name"], img_size) for r in records if r["split"] == split]
+        tmp = out / f"{split}.{os.getpid()}.tmp.npy"
+        np.save(tmp, np.stack(images) if images else np.zeros((0, img_size, img_size, 3), np.uint8))
+        os.replace(tmp, out / f"{split}.npy")
+        files.append(out / f"{split}.npy")
+    write_manifest(out / "manifest.json", files)
+
+
+def build_tokenizer(out, text, vocab_size):
+    from data.bpe import Tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    Tokenizer.train("bpe", text, vocab_size).save(out / "tokenizer.json")
+    write_manifest(out / "manifest.json", [out / "tokenizer.json"])
+
+
+class FolderPairs(Pairs):
+    """A user's folder (read_folder's records) as the VLM's image-text pairs: the images decoded,
+    resized and centre-cropped once into a checked cache, a BPE trained on the folder's own captions
+    and answers (cached by their content); captions are asked with the shapes world's prompt."""
+
+    def __init__(self, cfg, seed=0, verbose=True, cache_dir=CACHE_DIR):
+        from data.bpe import Tokenizer
+        if not cfg.data_path:
+            raise UserError("--dataset=folder needs --data_path=DIR, a folder of images with metadata.jsonl, "
+                            "a LLaVA *.json or COCO captions_*.json")
+        self.cfg, self.seed = cfg, seed
+        records = read_folder(cfg.data_path)
+        self.records = {s: [r for r in records if r["split"] == s] for s in ("train", "val")}
+        empty = [s for s in ("train", "val") if not self.records[s]]
+        if empty:
+            raise UserError(f"{cfg.data_path}: the split fields leave no {empty[0]} images")
+        out = Path(cache_dir) / f"folder_{folder_key(cfg.data_path, records, cfg.img_size)}"
+        checked_cache(out / "manifest.json", partial(build_images, out, cfg.data_path, records, cfg.img_size),
+                      f"images of {cfg.data_path}", verbose)
+        self._images = {s: np.load(out / f"{s}.npy", mmap_mode="r") for s in ("train", "val")}
+        text = "\n".join(t for r in records for t in r["captions"] + [w for qa in r["qa"] for w in qa])
+        tok_dir = Path(cache_dir) / f"folder_bpe_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+        checked_cache(tok_dir / "manifest.json", partial(build_tokenizer, tok_dir, text, 512),
+                      f"the tokenizer of {cfg.data_path}", verbose)
+        self.tok = Tokenizer.load(tok_dir / "tokenizer.json")
+
+    def images(self, split):
+        return self._images[split]
+
+    def texts(self, record):
+        return [(CAPTION_PROMPT, c) for c in record["captions"]] + list(record["qa"])
+
+    def examples(self, split, idx, rng):
+        """-> (rows, [(prompt, answer)]): texts_per_image of each image's captions and question-answer
+        pairs, drawn without repeats while they last."""
+        rows, pairs = [], []
+        for i in idx:
+            texts = self.texts(self.records[split][i])
+            k = self.cfg.texts_per_image
+            pick = rng.permutation(len(texts))[:k] if len(texts) >= k else rng.integers(len(texts), size=k)
+            pairs += [texts[j] for j in pick]
+            rows += [i] * k
+        return np.array(rows), pairs

@@ -21,19 +21,10 @@ def load_tokenizer(verbose=False):
     return text.load(text.prepare("shapes", "bpe", 512, verbose=verbose))[0]
 
 
-
-class ShapesPairs:
-    """Images from the shapes world's cached splits; text made from each scene's metadata. A batch
-    is a pure function of its position, so the loop's resume and DDP need no sampler state."""
+class Pairs:
+    """What every source of image-text pairs shares: a subclass gives cfg, seed, tok, images(split)
+    (a uint8 (N, H, W, 3) array or memmap) and examples(split, idx, rng)."""
     unit = "tokens"
-
-    def __init__(self, cfg, seed=0, verbose=True):
-        self.cfg, self.seed = cfg, seed
-        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew,
-                           noise=cfg.noise)
-        self.tok = load_tokenizer(verbose)
-        self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
-                       for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
 
     def encode(self, texts, left_pad):
         """Texts -> (B, T) ids padded to the longest (prompts on the left, answers on the right)."""
@@ -44,6 +35,58 @@ class ShapesPairs:
             pad = [self.tok.pad_id] * (T - len(x))
             rows.append(pad + x if left_pad else x + pad)
         return torch.tensor(rows, dtype=torch.long)
+
+    def make_batch(self, split, rows, pairs, device):
+        """Image numbers (one a text row, repeats allowed) and their (prompt, answer) texts -> a batch;
+        each image is read and encoded once."""
+        eot = self.tok.eot_id
+        prompt = self.encode([p for p, _ in pairs], left_pad=True)
+        answer = self.encode([a for _, a in pairs], left_pad=False)
+        ends = (answer != self.tok.pad_id).sum(1)  # end-of-text after each answer
+        answer = torch.cat([answer, torch.full((len(pairs), 1), self.tok.pad_id)], dim=1)
+        answer[torch.arange(len(pairs)), ends] = eot
+        scenes, image_index = np.unique(rows, return_inverse=True)  # sorted: memmap reads in order
+        return {"images": to_tensor(self.images(split)[scenes], device), "prompt": prompt.to(device),
+                "answer": answer.to(device),
+                "image_index": torch.from_numpy(image_index.reshape(-1)).to(device)}
+
+    def n_images(self, split):
+        return len(self.images(split))
+
+    def batch(self, split, pos, batch_size, device):
+        n = self.n_images(split)
+        idx = stream_indices(n, self.seed + (split != "train"), pos * batch_size, batch_size)
+        rng = np.random.default_rng([self.seed, split != "train", pos])
+        return self.make_batch(split, *self.examples(split, idx, rng), device)
+
+    def items(self, batch):
+        """Tokens the fused stack reads: each row's image tokens, prompt and answer, padding aside."""
+        text = (batch["prompt"] != self.tok.pad_id).sum() + (batch["answer"] != self.tok.pad_id).sum()
+        return batch["prompt"].shape[0] * self.image_len() + int(text)
+
+    def image_len(self):
+        return 1 + (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
+
+
+class ShapesPairs(Pairs):
+    """Images from the shapes world's cached splits; text made from each scene's metadata. A batch
+    is a pure function of its position, so the loop's resume and DDP need no sampler state."""
+
+    def __init__(self, cfg, seed=0, verbose=True):
+        self.cfg, self.seed = cfg, seed
+        self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew,
+                           noise=cfg.noise)
+        self.tok = load_tokenizer(verbose)
+        self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
+                       for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
+
+    def images(self, split):
+        return self.shapes[split].images
+
+    def n_images(self, split):
+        if split == "train" and self.cfg.n_captioned:
+            return self.cfg.n_captioned
+        return len(self.shapes[split])
 
     def examples(self, split, idx, rng):
         """-> (rows, [(prompt, answer)]): each scene's caption, then texts_per_image - 1 questions
@@ -72,35 +115,13 @@ class ShapesPairs:
               others[int(rng.integers(0, len(others)))][1:]]
         return [qs[j] for j in rng.permutation(3)]
 
-    def make_batch(self, split, rows, pairs, device):
-        """Scene numbers (one a text row, repeats allowed) and their (prompt, answer) texts -> a batch;
-        each scene's image is read and encoded once."""
-        eot = self.tok.eot_id
-        prompt = self.encode([p for p, _ in pairs], left_pad=True)
-        answer = self.encode([a for _, a in pairs], left_pad=False)
-        ends = (answer != self.tok.pad_id).sum(1)  # end-of-text after each answer
-        answer = torch.cat([answer, torch.full((len(pairs), 1), self.tok.pad_id)], dim=1)
-        answer[torch.arange(len(pairs)), ends] = eot
-        scenes, image_index = np.unique(rows, return_inverse=True)  # sorted: memmap reads in order
-        return {"images": to_tensor(self.shapes[split].images[scenes], device), "prompt": prompt.to(device),
-                "answer": answer.to(device),
-                "image_index": torch.from_numpy(image_index.reshape(-1)).to(device)}
 
-    def batch(self, split, pos, batch_size, device):
-        n = len(self.shapes[split])
-        if split == "train" and self.cfg.n_captioned:
-            n = self.cfg.n_captioned
-        idx = stream_indices(n, self.seed + (split != "train"), pos * batch_size, batch_size)
-        rng = np.random.default_rng([self.seed, split != "train", pos])
-        return self.make_batch(split, *self.examples(split, idx, rng), device)
-
-    def items(self, batch):
-        """Tokens the fused stack reads: each row's image tokens, prompt and answer, padding aside."""
-        text = (batch["prompt"] != self.tok.pad_id).sum() + (batch["answer"] != self.tok.pad_id).sum()
-        return batch["prompt"].shape[0] * self.image_len() + int(text)
-
-    def image_len(self):
-        return 1 + (self.cfg.img_size // self.cfg.patch_size // self.cfg.merge) ** 2
+def pairs(cfg, seed=0, verbose=True):
+    """The VLM's image-text pairs: the shapes world's, or a user's folder's (--dataset=folder)."""
+    if cfg.dataset == "folder":
+        from data.captioned import FolderPairs
+        return FolderPairs(cfg, seed, verbose)
+    return ShapesPairs(cfg, seed, verbose)
 
 
 def row_images(batch):

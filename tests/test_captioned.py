@@ -75,3 +75,40 @@ def test_too_few_images_or_no_text(tmp_path):
         "".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c, _ in rows[:9]))
     with pytest.raises(UserError, match="at least 10"):
         read_folder(tmp_path)
+
+
+def metadata_folder(folder, n=20):
+    """A shapes-world folder with metadata.jsonl: a caption, one existence question, the objects."""
+    rows = shapes_folder(folder, n)
+    lines = [{"file_name": f, "caption": c, "objects": o,
+              "qa": [{"q": "is there a star?", "a": "yes" if "star" in o else "no"}]} for f, c, o in rows]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return rows
+
+
+def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
+    import numpy as np
+    import torch
+    import vlm
+    from data.captioned import FolderPairs
+    from tests.conftest import VLM_TINY, run
+    rows = metadata_folder(tmp_path / "f")
+    cfg = vlm.Config(**{**VLM_TINY, "dataset": "folder", "data_path": str(tmp_path / "f")})
+    data = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")
+    assert data.n_images("train") == 18 and data.n_images("val") == 2
+    assert data.images("train").shape == (18, 32, 32, 3) and data.images("train").dtype == np.uint8
+    assert np.array_equal(data.images("train")[0], np.asarray(Image.open(tmp_path / "f" / rows[0][0])))
+    assert data.tok.decode(data.tok.encode(" " + rows[0][1])) == " " + rows[0][1]  # its own words
+    b = data.batch("train", 0, 4, "cpu")
+    assert b["images"].shape[1:] == (3, 32, 32) and len(b["prompt"]) == 4 * cfg.texts_per_image
+    texts = {data.tok.decode([t for t in row.tolist() if t != data.tok.pad_id]) for row in b["prompt"]}
+    assert texts <= {" describe the image.", " is there a star?"}
+    again = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")  # from the cache
+    assert np.array_equal(again.images("val"), data.images("val"))
+    out = tmp_path / "run"
+    run("train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+        f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
+        f"--out_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["val_caption_exact"] <= 1 and 0 <= metrics["val_answer_exact"] <= 1
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["model"]["dataset"] == "folder"
