@@ -21,7 +21,6 @@ from common import (UserError, at_least, check_writable, draw_grid, load_idea, o
                     savefig)
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
-from data.shapes import caption
 
 
 @dataclass
@@ -33,7 +32,7 @@ class SampleConfig:
     n: int = 8                     # how many held-out examples
     image: str = ""                # mae, vlm: your own image file(s), comma-separated
     scenes: str = ""               # vlm: held-out scene indices, comma-separated (default: the first n)
-    split: str = "val"             # vlm: val (the world's bias) | ood (bias broken)
+    split: str = "val"             # vlm: val (the world's bias) | ood (bias broken); a folder: train | val
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
     prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question
     generate: bool = False         # mlm: write text by unmasking
@@ -47,7 +46,7 @@ class SampleConfig:
         at_least(self, 0, "top_k", "temperature")
         if self.mask_ratio != -1 and not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1), or -1 for the model's own")
-        one_of(self, "split", ("val", "ood"))
+        one_of(self, "split", ("train", "val", "ood"))
         pick_device(self.device)
 
 
@@ -161,12 +160,14 @@ def scene_images(sc, cfg, data):
         idx = [int(i) for i in sc.scenes.split(",")] if sc.scenes else list(range(sc.n))
     except ValueError:
         raise UserError(f"--scenes={sc.scenes!r}: expected comma-separated scene numbers") from None
-    n = len(data.shapes[sc.split])
+    if sc.split not in data.splits:
+        raise UserError(f"--split={sc.split}: this model's data has the splits {', '.join(data.splits)}")
+    n = data.n_images(sc.split)
     if not sc.scenes and sc.n > n:
         raise UserError(f"--n={sc.n}: the {sc.split} split has {n} scenes")
     if not all(0 <= i < n for i in idx):
         raise UserError(f"--scenes: the {sc.split} split has scenes 0 to {n - 1}")
-    return np.stack([data.shapes[sc.split].images[i] for i in idx]), [f"{sc.split} {i}" for i in idx], idx
+    return np.stack([data.images(sc.split)[i] for i in idx]), [f"{sc.split} {i}" for i in idx], idx
 
 
 @torch.no_grad()
@@ -198,7 +199,7 @@ def sample_vlm(sc):
             print(f"{name}: {a}")
     texts = [f"{name}\nQ: {prompt}\nA: {a}" for name, a in zip(names, answers)]
     if idx is not None:
-        texts = [f"{t}\ntrue: {caption(data.shapes[sc.split].scene(i))}" for t, i in zip(texts, idx)]
+        texts = [f"{t}\ntrue: {data.reference(sc.split, i)}" for t, i in zip(texts, idx)]
     out_path = Path(sc.out_dir or "out-vlm") / "sample_vlm.png"
     draw_grid(images, texts, out_path)
     print(f"wrote {out_path}")

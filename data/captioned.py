@@ -183,8 +183,15 @@ class FolderPairs(Pairs):
                       f"the tokenizer of {cfg.data_path}", verbose)
         self.tok = Tokenizer.load(tok_dir / "tokenizer.json")
 
+    splits = ("train", "val")
+
     def images(self, split):
         return self._images[split]
+
+    def reference(self, split, i):
+        """Image i's first caption, or else its first answer."""
+        r = self.records[split][i]
+        return r["captions"][0] if r["captions"] else r["qa"][0][1]
 
     def texts(self, record):
         return [(CAPTION_PROMPT, c) for c in record["captions"]] + list(record["qa"])

@@ -80,8 +80,14 @@ class ShapesPairs(Pairs):
         self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
                        for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
 
+    splits = ("train", "val", "ood")
+
     def images(self, split):
         return self.shapes[split].images
+
+    def reference(self, split, i):
+        """The true caption of image i."""
+        return caption(self.shapes[split].scene(i))
 
     def n_images(self, split):
         if split == "train" and self.cfg.n_captioned:

@@ -112,3 +112,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["val_caption_exact"] <= 1 and 0 <= metrics["val_answer_exact"] <= 1
     assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["model"]["dataset"] == "folder"
+    p = run("sample.py", "vlm", f"--out_dir={out}", "--ckpt=ckpt.pt", "--split=val", "--n=2")
+    assert p.stdout.count("val ") >= 2 and (out / "sample_vlm.png").stat().st_size > 0
+    bad = run("sample.py", "vlm", f"--out_dir={out}", "--ckpt=ckpt.pt", "--split=ood", check=False)
+    assert bad.returncode == 2 and "has the splits train, val" in bad.stderr
