@@ -265,7 +265,8 @@ def bench_hallucination(bc):
     data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
     val = data.shapes["val"]
     n_scenes, n_captions = min(50, len(val)), min(100, len(val))
-    qs = measures.pope_questions(val, "adversarial", n_scenes, 0, *measures.shape_stats(data.shapes["train"]))
+    qs = measures.pope_questions(data.objects("val"), "adversarial", n_scenes, 0,
+                                 *measures.shape_stats(data.shapes["train"]))
     pope = data.make_batch("val", np.array([q[0] for q in qs]), [(exist_question(q[1]), "") for q in qs],
                            device)
     caps = data.make_batch("val", np.arange(n_captions), [(vlm.CAPTION_PROMPT, "")] * n_captions, device)

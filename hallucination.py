@@ -21,15 +21,17 @@ import vlm
 from checkpoints import load_checkpoint, load_model
 from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
-from data.shapes import SHAPES, caption, exist_question
+from data.captioned import read_folder
+from data.shapes import SHAPES, caption
 from decoding import METHODS, decode
-from measures import (POPE_SPLITS, chair, marked, parse_yes_no, pope_metrics, pope_questions, pope_rule,
-                      shape_stats)
+from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
+                      pope_questions, pope_rule)
 
 
 @dataclass
 class StudyConfig:
     ckpt: str = ""               # the study's VLM; default: out_dir/biased/ckpt.pt, trained first if missing
+    data_path: str = ""          # a user's folder (data/captioned.py): the study on its images and objects
     control_ckpt: str = ""       # the same VLM on the unbiased world; default: out_dir/unbiased/ckpt.pt
     out_dir: str = "out-hallucination"
     seeds: int = 3               # evaluation seeds: scenes, absent objects, noise, transforms, sampling
@@ -64,21 +66,21 @@ class StudyConfig:
 def pope_run(model, data, name, method, sc, seed, stats, gen, device, batch_size=200):
     """POPE on the three splits -> (flat dict of figures, one record per question)."""
     yes, no = (model.tok.encode(" yes")[0], model.tok.encode(" no")[0])
-    out, records = {}, []
+    out, records, objects = {}, [], data.objects("val")
     for split in POPE_SPLITS:
-        qs = pope_questions(data.shapes["val"], split, sc.n_scenes, seed, *stats)
+        qs = pope_questions(objects, split, sc.n_scenes, seed, *stats)
         labels, by_text, by_prob, by_rule = [], [], [], []
         for k in range(0, len(qs), batch_size):
             chunk = qs[k:k + batch_size]
             b = data.make_batch("val", np.array([c[0] for c in chunk]),
-                                [(exist_question(c[1]), "") for c in chunk], device)
+                                [(data.exist_question(c[1]), "") for c in chunk], device)
             tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
             for (scene, shape, label), raw, s in zip(chunk, model.texts(tokens), first):
                 labels.append(label)
                 by_text.append(parse_yes_no(raw))
                 by_rule.append(pope_rule(raw))
                 by_prob.append("yes" if s[yes] > s[no] else "no")
-                records.append({"scene": scene, "split": split, "question": exist_question(shape),
+                records.append({"scene": scene, "split": split, "question": data.exist_question(shape),
                                 "label": label, "method": name, "seed": seed, "parsed": by_text[-1],
                                 "raw": raw})
         out.update({f"pope_{split}_{k}": v for k, v in pope_metrics(labels, by_text).items()})
@@ -93,15 +95,15 @@ def pope_run(model, data, name, method, sc, seed, stats, gen, device, batch_size
 def chair_run(model, data, method, sc, seed, gen, device, batch_size=200):
     """CHAIR on captions of sc.caption_tokens tokens -> flat dict of figures, a few captions kept."""
     rng = np.random.default_rng([seed, 7])
-    val = data.shapes["val"]
-    scenes = rng.choice(len(val), size=min(sc.n_captions, len(val)), replace=False)
+    pool = np.array([i for i, objs in enumerate(data.objects("val")) if objs is not None])  # annotated
+    scenes = pool[rng.choice(len(pool), size=min(sc.n_captions, len(pool)), replace=False)]
     texts = []
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
         tokens, _, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
         texts += model.texts(tokens)
-    out = chair(texts, [val.scene(i) for i in scenes])
+    out = chair_of(data, "val", scenes, texts)
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
     return out
 
@@ -137,8 +139,9 @@ STUDY_CONF = Path(__file__).parent / "config/vlm_study.conf"
 STUDY_MODELS = {"biased": [], "unbiased": ["--cooccur=0", "--skew=0"], "halved": ["--cooccur=0.45"]}
 
 
-def study_args(name, out_dir):
-    return ["vlm", str(STUDY_CONF), *STUDY_MODELS[name], f"--out_dir={Path(out_dir) / name}"]
+def study_args(name, out_dir, data_path=""):
+    world = ["--dataset=folder", f"--data_path={data_path}"] if name == "folder" else STUDY_MODELS[name]
+    return ["vlm", str(STUDY_CONF), *world, f"--out_dir={Path(out_dir) / name}"]
 
 
 def study_n_eval(path, out_dir, name):
@@ -166,11 +169,11 @@ def train_or_finish(folder, args, what):
     return path
 
 
-def study_model(path, out_dir, name, device):
+def study_model(path, out_dir, name, device, data_path=""):
     """A trained VLM from `path`, or the study's config trained into out_dir/name first."""
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
     if path.parent == Path(out_dir) / name:  # the study's own: train it, or finish an interrupted run
-        train_or_finish(path.parent, study_args(name, out_dir), f"the study's {name} model")
+        train_or_finish(path.parent, study_args(name, out_dir, data_path), f"the study's {name} model")
     _, model, cfg, ckpt = load_model("vlm", path, device)
     if cfg.objective != "prefix":
         raise UserError(f"{path} is an --objective={cfg.objective} model; "
@@ -279,9 +282,37 @@ def pictures(model, data, sc, device, out_dir, n=6):
     return written, len(greedy), len(bad)
 
 
+def write_pope_files(data, records, folder):
+    """Seed 0's questions and every method's answers in POPE's own formats (RUCAIBox/POPE): per split a
+    question file {question_id, image, text, label} a line, and per method an answer file {question_id,
+    text}, so POPE's evaluate.py reads them as it reads a paper's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [r["file_name"] for r in data.records["val"]] if hasattr(data, "records") else None
+    for split in POPE_SPLITS:
+        rows = [r for r in records if r["split"] == split and r["seed"] == 0]
+        first = [r for r in rows if r["method"] == rows[0]["method"]]
+        with open(folder / f"{split}_questions.jsonl", "w") as f:
+            for k, r in enumerate(first):
+                image = names[r["scene"]] if names else f"val/{r['scene']}"
+                line = {"question_id": k, "image": image, "text": r["question"], "label": r["label"]}
+                f.write(json.dumps(line) + "\n")
+        for method in dict.fromkeys(r["method"] for r in rows):
+            slug = "".join(c if c.isalnum() else "_" for c in method).strip("_")
+            with open(folder / f"{split}_{slug}_answers.jsonl", "w") as f:
+                for k, r in enumerate(r for r in rows if r["method"] == method):
+                    f.write(json.dumps({"question_id": k, "text": r["raw"]}) + "\n")
+
+
 def check_study(sc, out_dir):
     """Every setting checked before any model trains or anything is written."""
     check_writable(out_dir)
+    if sc.data_path:  # a user's folder: read and checked now, and the model must be of it
+        read_folder(sc.data_path)
+        model_cfg = load_checkpoint(sc.ckpt, "vlm")["config"]["model"] if sc.ckpt else None
+        if model_cfg and Path(model_cfg.get("data_path") or ".").resolve() != Path(sc.data_path).resolve():
+            raise UserError(f"{sc.ckpt} was not trained on {sc.data_path} (its data: "
+                            f"{model_cfg.get('data_path') or 'the shapes world'}); its words are that data's")
+        return
     for name, path in (("biased", sc.ckpt), ("unbiased", sc.control_ckpt)):
         n_eval = study_n_eval(path, out_dir, name)
         if sc.n_scenes > n_eval:
@@ -299,13 +330,15 @@ def main(argv):
     sc = StudyConfig(**parse_overrides(argv, StudyConfig))
     device, out_dir = pick_device(sc.device), Path(sc.out_dir)
     check_study(sc, out_dir)
-    model, cfg, ckpt = study_model(sc.ckpt, out_dir, "biased", device)
-    control, _, _ = study_model(sc.control_ckpt, out_dir, "unbiased", device)
+    model, cfg, ckpt = study_model(sc.ckpt, out_dir, "folder" if sc.data_path else "biased", device,
+                                   sc.data_path)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
-    stats = shape_stats(data.shapes["train"])
+    stats = object_stats(data.objects("train"), len(data.vocab))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(name, model, m) for name, m in METHODS.items()]
-    runs.append(("unbiased data, greedy", control, METHODS["greedy"]))
+    if not sc.data_path:  # the data-side control: the same recipe on the unbiased world
+        runs.append(("unbiased data, greedy", study_model(sc.control_ckpt, out_dir, "unbiased", device)[0],
+                     METHODS["greedy"]))
     results, records, timing = {}, [], {}
     t_start = time.time()
     for name, m_model, method in runs:
@@ -329,8 +362,11 @@ def main(argv):
         for r in records:
             f.write(json.dumps(r) + "\n")
     plot_bars(results, out_dir / "methods.png")
-    written, n_captions, n_bad = pictures(model, data, sc, device, out_dir)
-    files = ", ".join(["results.json", "pope.jsonl", "methods.png", *written])
+    write_pope_files(data, records, out_dir / "pope")
+    written, n_captions, n_bad = [], 0, 0
+    if not sc.data_path:  # the pictures read the shapes world's scenes
+        written, n_captions, n_bad = pictures(model, data, sc, device, out_dir)
+    files = ", ".join(["results.json", "pope.jsonl", "pope/", "methods.png", *written])
     print(f"{n_bad} of {n_captions} greedy captions hallucinate; wrote {files} to {out_dir} "
           f"in {(time.time() - t_start) / 60:.1f} min")
     return 0

@@ -26,32 +26,42 @@ from mlm import word_mask
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 
-def shape_stats(shapes_split):
-    """From a split's scenes: shape frequency (6,) and P(shape b present | shape a present) (6, 6)."""
-    objs = shapes_split.objects[:, :, 0]  # (N, max_objects), -1 = none
-    present = np.stack([(objs == s).any(1) for s in range(len(SHAPES))], 1).astype(np.float64)  # (N, 6)
+def object_stats(sets, n_vocab):
+    """Each image's objects (sets of vocabulary indices; None = not annotated) -> each object's frequency
+    (V,) and P(object b present | object a present) (V, V)."""
+    present = np.zeros((len(sets), n_vocab))
+    for i, objs in enumerate(sets):
+        present[i, list(objs or ())] = 1
     freq = present.mean(0)
-    cooc = (present.T @ present) / np.maximum(present.sum(0)[:, None], 1)  # (6, 6): row a, column b
+    cooc = (present.T @ present) / np.maximum(present.sum(0)[:, None], 1)  # (V, V): row a, column b
     return freq, cooc
 
 
-def pope_questions(shapes_split, split, n_scenes, seed, freq, cooc):
-    """-> [(scene, shape, label)], one present and one absent shape per scene: exactly half 'yes'."""
+def shape_stats(shapes_split):
+    """The shapes world's: shape frequency (6,) and co-occurrence (6, 6) over a split's scenes."""
+    return object_stats([set(shapes_split.scene(i)[:, 0].tolist()) for i in range(len(shapes_split))],
+                        len(SHAPES))
+
+
+def pope_questions(sets, split, n_scenes, seed, freq, cooc):
+    """-> [(image, object, label)], one present and one absent object per image: exactly half 'yes'.
+    sets: each image's objects (vocabulary indices; None = not annotated, never asked about)."""
     rng = np.random.default_rng([seed, POPE_SPLITS.index(split)])
-    scenes = rng.choice(len(shapes_split), size=n_scenes, replace=False)
+    pool = np.array([i for i, objs in enumerate(sets) if objs])
+    scenes = pool[rng.choice(len(pool), size=min(n_scenes, len(pool)), replace=False)]
     out = []
     for i in scenes.tolist():
-        shapes = sorted(set(shapes_split.scene(i)[:, 0].tolist()))
-        absent = [s for s in range(len(SHAPES)) if s not in shapes]
+        present = sorted(sets[i])
+        absent = [o for o in range(len(freq)) if o not in present]
         if not absent:
             continue
         if split == "random":
             no = int(rng.choice(absent))
         elif split == "popular":
             no = max(absent, key=freq.__getitem__)
-        else:  # the absent shape that co-occurs most with those present
-            no = max(absent, key=cooc[shapes].max(0).__getitem__)
-        out += [(i, int(rng.choice(shapes)), "yes"), (i, no, "no")]
+        else:  # the absent object that co-occurs most with those present
+            no = max(absent, key=cooc[present].max(0).__getitem__)
+        out += [(i, int(rng.choice(present)), "yes"), (i, no, "no")]
     return out
 
 
@@ -93,6 +103,34 @@ def chair(captions, scenes):
         hits, n_objects = hits + tp, n_objects + n_true
     return {"chair_i": hallucinated / max(1, mentions), "chair_s": bad_captions / max(1, len(captions)),
             "recall": hits / max(1, n_objects)}
+
+
+def chair_words(captions, sets, vocab, synonyms=None):
+    """CHAIR over a vocabulary of objects (a user's folder): an object is mentioned when its name, or a
+    word synonyms.json maps to it, appears as words of the caption (exact match, as the CHAIR code has
+    for COCO); each object counts once per caption."""
+    names = {w.lower(): k for k, w in enumerate(vocab)}
+    names.update({w.lower(): vocab.index(o) for w, o in (synonyms or {}).items()})
+    longest = max(len(n.split()) for n in names)
+    mentions = hallucinated = bad_captions = hits = n_objects = 0
+    for text, present in zip(captions, sets):
+        words = [w.strip(",.;:!?\"'()") for w in text.lower().split()]
+        grams = {" ".join(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
+        said = {names[g] for g in grams if g in names}
+        mentions, hallucinated = mentions + len(said), hallucinated + len(said - present)
+        bad_captions += bool(said - present)
+        hits, n_objects = hits + len(said & present), n_objects + len(present)
+    return {"chair_i": hallucinated / max(1, mentions), "chair_s": bad_captions / max(1, len(captions)),
+            "recall": hits / max(1, n_objects)}
+
+
+def chair_of(data, split, idx, captions):
+    """CHAIR for the captions of images idx: the shapes world's (shapes, counted with multiplicity),
+    or a folder's (its objects' names)."""
+    if data.cfg.dataset == "folder":
+        sets = data.objects(split)
+        return chair_words(captions, [sets[i] for i in idx], data.vocab, data.synonyms)
+    return chair(captions, [data.shapes[split].scene(i) for i in idx])
 
 
 def marked(text, objs):

@@ -138,7 +138,7 @@ class VLM(nn.Module):
     def __init__(self, cfg, tokenizer=None):
         super().__init__()
         self.cfg = cfg
-        self.tok = tokenizer or load_tokenizer()
+        self.tok = tokenizer or load_tokenizer(cfg=cfg)
         V, D = self.tok.vocab_size, cfg.n_embd
         self.vision = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.vision_n_layer, cfg.vision_n_head,
                                  cfg.vision_n_embd, cfg.mlp_ratio)

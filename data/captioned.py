@@ -157,13 +157,33 @@ def build_tokenizer(out, text, vocab_size):
     write_manifest(out / "manifest.json", [out / "tokenizer.json"])
 
 
+def read_synonyms(path, vocab):
+    """synonyms.json, if the folder has one: {word: object}, each object one of the folder's."""
+    if not path.exists():
+        return {}
+    words = read_json(path)
+    if not isinstance(words, dict) or not all(isinstance(k, str) and v in vocab for k, v in words.items()):
+        raise UserError(f"{path}: a {{\"word\": \"object\"}} map whose objects are the folder's own")
+    return words
+
+
+def folder_tokenizer(folder, records=None, verbose=False, cache_dir=CACHE_DIR):
+    """A BPE trained on the folder's own captions and answers, cached by their content."""
+    from data.bpe import Tokenizer
+    records = records or read_folder(folder)
+    text = "\n".join(t for r in records for t in r["captions"] + [w for qa in r["qa"] for w in qa])
+    out = Path(cache_dir) / f"folder_bpe_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    build = partial(build_tokenizer, out, text, 512)
+    checked_cache(out / "manifest.json", build, f"the tokenizer of {folder}", verbose)
+    return Tokenizer.load(out / "tokenizer.json")
+
+
 class FolderPairs(Pairs):
     """A user's folder (read_folder's records) as the VLM's image-text pairs: the images decoded,
     resized and centre-cropped once into a checked cache, a BPE trained on the folder's own captions
     and answers (cached by their content); captions are asked with the shapes world's prompt."""
 
     def __init__(self, cfg, seed=0, verbose=True, cache_dir=CACHE_DIR):
-        from data.bpe import Tokenizer
         if not cfg.data_path:
             raise UserError("--dataset=folder needs --data_path=DIR, a folder of images with metadata.jsonl, "
                             "a LLaVA *.json or COCO captions_*.json")
@@ -177,16 +197,22 @@ class FolderPairs(Pairs):
         checked_cache(out / "manifest.json", partial(build_images, out, cfg.data_path, records, cfg.img_size),
                       f"images of {cfg.data_path}", verbose)
         self._images = {s: np.load(out / f"{s}.npy", mmap_mode="r") for s in ("train", "val")}
-        text = "\n".join(t for r in records for t in r["captions"] + [w for qa in r["qa"] for w in qa])
-        tok_dir = Path(cache_dir) / f"folder_bpe_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-        checked_cache(tok_dir / "manifest.json", partial(build_tokenizer, tok_dir, text, 512),
-                      f"the tokenizer of {cfg.data_path}", verbose)
-        self.tok = Tokenizer.load(tok_dir / "tokenizer.json")
+        self.tok = folder_tokenizer(cfg.data_path, records, verbose, cache_dir)
+        self.vocab = sorted({o for r in records for o in r["objects"] or ()})
+        self.synonyms = read_synonyms(Path(cfg.data_path) / "synonyms.json", self.vocab)
 
     splits = ("train", "val")
 
     def images(self, split):
         return self._images[split]
+
+    def objects(self, split):
+        """Each image's objects as a set of vocabulary indices, None where the folder names none."""
+        return [None if r["objects"] is None else {self.vocab.index(o) for o in r["objects"]}
+                for r in self.records[split]]
+
+    def exist_question(self, obj):
+        return f"is there a {self.vocab[obj]} in the image?"  # POPE's question
 
     def reference(self, split, i):
         """Image i's first caption, or else its first answer."""

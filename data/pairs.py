@@ -15,8 +15,12 @@ CAPTION_PROMPT = "describe the image."
 SHAPES_PROMPT = "which shapes are there?"
 
 
-def load_tokenizer(verbose=False):
-    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached."""
+def load_tokenizer(verbose=False, cfg=None):
+    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached; for a VLM of a
+    user's folder (cfg.dataset == "folder"), the BPE of that folder's words."""
+    if cfg is not None and cfg.dataset == "folder":
+        from data.captioned import folder_tokenizer
+        return folder_tokenizer(cfg.data_path, verbose=verbose)
     from data import text
     return text.load(text.prepare("shapes", "bpe", 512, verbose=verbose))[0]
 
@@ -81,9 +85,17 @@ class ShapesPairs(Pairs):
                        for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
 
     splits = ("train", "val", "ood")
+    vocab = SHAPES  # the objects POPE and CHAIR count
 
     def images(self, split):
         return self.shapes[split].images
+
+    def objects(self, split):
+        """Each image's objects, as a set of vocabulary indices."""
+        return [set(self.shapes[split].scene(i)[:, 0].tolist()) for i in range(len(self.shapes[split]))]
+
+    def exist_question(self, obj):
+        return exist_question(obj)
 
     def reference(self, split, i):
         """The true caption of image i."""

@@ -116,3 +116,43 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
     assert p.stdout.count("val ") >= 2 and (out / "sample_vlm.png").stat().st_size > 0
     bad = run("sample.py", "vlm", f"--out_dir={out}", "--ckpt=ckpt.pt", "--split=ood", check=False)
     assert bad.returncode == 2 and "has the splits train, val" in bad.stderr
+
+
+def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
+    import measures as M
+    import vlm
+    from data.captioned import FolderPairs
+    from tests.conftest import VLM_TINY, run
+    rows = metadata_folder(tmp_path / "f", n=30)
+    cfg = vlm.Config(**{**VLM_TINY, "dataset": "folder", "data_path": str(tmp_path / "f")})
+    data = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")
+    assert data.vocab == sorted({o for _, _, objs in rows for o in objs})
+    sets = data.objects("val")
+    freq, cooc = M.object_stats(data.objects("train"), len(data.vocab))
+    for split in M.POPE_SPLITS:
+        qs = M.pope_questions(sets, split, 10, 0, freq, cooc)
+        assert sum(lab == "yes" for *_, lab in qs) * 2 == len(qs) > 0
+        assert all((obj in sets[i]) == (lab == "yes") for i, obj, lab in qs)  # absent ones truly absent
+        for i, obj, lab in qs:
+            absent = [o for o in range(len(data.vocab)) if o not in sets[i]]
+            score = cooc[sorted(sets[i])].max(0)  # how much each object co-occurs with those present
+            if lab == "no" and split == "adversarial":  # the most co-occurring absent object
+                assert score[obj] == max(score[a] for a in absent)
+    out = tmp_path / "run"
+    run("train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+        f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
+        f"--out_dir={out}")
+    p = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={out / 'ckpt.pt'}", "--seeds=1",
+            "--n_scenes=3", "--n_captions=3", f"--out_dir={tmp_path / 'study'}")
+    results = json.loads((tmp_path / "study/results.json").read_text())["methods"]
+    assert "greedy" in results and "unbiased data, greedy" not in results and "greedy" in p.stdout
+    assert 0 <= results["greedy"][0]["pope_adversarial_rule_accuracy"] <= 1
+    pope = tmp_path / "study/pope"
+    questions = [json.loads(x) for x in (pope / "adversarial_questions.jsonl").read_text().splitlines()]
+    answers = (pope / "adversarial_greedy_answers.jsonl").read_text().splitlines()
+    assert len(questions) == len(answers) == 6
+    assert set(questions[0]) == {"question_id", "image", "text", "label"}
+    assert questions[0]["image"] in {f for f, _, _ in rows} and questions[0]["text"].endswith("in the image?")
+    other = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={tmp_path / 'nope.pt'}",
+                check=False)
+    assert other.returncode == 2 and other.stdout == ""

@@ -106,12 +106,23 @@ def tiny():
     return model, data
 
 
+def test_chair_over_a_folders_words_by_hand():
+    vocab = ["dog", "frisbee", "traffic light"]
+    caps = ["A dog catches a frisbee.", "a puppy under a traffic light", "a dog, a dog and a cat"]
+    sets = [{0, 1}, {2}, {1}]
+    c = M.chair_words(caps, sets, vocab, {"puppy": "dog"})
+    # mentioned: {dog, frisbee}, {dog (puppy), traffic light}, {dog}; hallucinated: dog twice
+    assert c["chair_i"] == pytest.approx(2 / 5) and c["chair_s"] == pytest.approx(2 / 3)
+    assert c["recall"] == pytest.approx(3 / 4)
+    assert M.chair_words(caps[1:2], sets[1:2], vocab)["chair_i"] == 0  # no synonyms: "puppy" is no dog
+
+
 def test_pope_questions_are_balanced_absent_and_adversarial(tiny):
     _, data = tiny
     freq, cooc = M.shape_stats(data.shapes["train"])
     assert cooc[0, PARTNER[0]] > 0.6 and cooc[0, PARTNER[0]] > 2 * cooc[0, 3]  # the partner bias is learnable
     for split in M.POPE_SPLITS:
-        qs = M.pope_questions(data.shapes["val"], split, 50, 0, freq, cooc)
+        qs = M.pope_questions(data.objects("val"), split, 50, 0, freq, cooc)
         assert len(qs) >= 90 and sum(l == "yes" for _, _, l in qs) * 2 == len(qs)
         for scene, shape, label in qs:
             present = set(data.shapes["val"].scene(scene)[:, 0].tolist())
