@@ -156,3 +156,31 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     other = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={tmp_path / 'nope.pt'}",
                 check=False)
     assert other.returncode == 2 and other.stdout == ""
+
+
+def test_the_shapes_world_exported_is_the_built_in_world(tmp_path):
+    import numpy as np
+    from data.captioned import ExportConfig, export
+    from data.shapes import ShapesSplit
+    export(tmp_path / "w", ExportConfig(n_train=12, n_val=3, img_size=32), verbose=False)
+    records = read_folder(tmp_path / "w")
+    assert [r["split"] for r in records].count("val") == 3 and len(records) == 15
+    built_in = ShapesSplit(World(img_size=32, seed=1337), "train", 12, verbose=False)
+    r = records[5]  # train/00005.png
+    assert r["file_name"] == "train/00005.png" and r["captions"] == [caption(built_in.scene(5))]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "w" / r["file_name"])), built_in.images[5])
+    assert r["objects"] == sorted({SHAPES[s] for s in built_in.scene(5)[:, 0].tolist()}, key=SHAPES.index)
+    assert r["qa"][0][0] == "which shapes are there?" and len(r["qa"]) >= 3
+
+
+def test_a_folder_that_cannot_be_read_is_one_line(tmp_path):
+    from tests.conftest import VLM_TINY, run
+    metadata_folder(tmp_path / "f")
+    (tmp_path / "f/img/0003.png").write_bytes(b"not a png")
+    args = ["train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+            "--max_iters=1", f"--out_dir={tmp_path / 'run'}"]
+    for extra, words in (([f"--data_path={tmp_path / 'f'}"], "cannot read image"),
+                         ([], "--dataset=folder needs --data_path")):
+        p = run(*args, *extra, check=False)
+        assert p.returncode == 2 and words in p.stderr and p.stdout == "" and len(p.stderr.splitlines()) == 1
+        assert not (tmp_path / "run").exists()
