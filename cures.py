@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from common import at_least, pick_device
+from common import UserError, at_least, pick_device
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
 from data.shapes import PARTNER, SHAPES, caption, exist_question
@@ -227,6 +227,9 @@ class CureConfig(StudyConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.data_path:
+            raise UserError("cures.py runs on the shapes world (its controls read the world's scenes); "
+                            "--data_path is for hallucination.py")
         at_least(self, 1, "k_heads", "n_calib", "dpo_steps")
         at_least(self, 0, "gamma", "vti_alpha")
 
