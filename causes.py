@@ -35,7 +35,7 @@ from data import to_tensor
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from decoding import METHODS, decode
 from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
-from measures import answer_questions, parse_yes_no, shape_stats
+from measures import answer_questions, parse_yes_no, plot_map, shape_stats
 
 # ---------------------------------------------------------------------------------------------
 # BEAF: before and after an exact edit
@@ -259,12 +259,15 @@ class MapConfig:
         if self.config and not Path(self.config).is_file():
             raise UserError(f"--config={self.config}: no such file")
 
-    def cells(self):
-        return [(c, n) for c in self.cooccur.split(",") for n in self.noise.split(",")]
-
 
 def cell_dir(mc, cooccur, noise, seed):
     return Path(mc.out_dir) / f"cooccur{cooccur}-noise{noise}-seed{seed}"
+
+
+def cells(mc):
+    """(cooccur, noise, seed) in the order given, the ones already measured first."""
+    grid = [(c, n, s) for c in mc.cooccur.split(",") for n in mc.noise.split(",") for s in range(mc.seeds)]
+    return sorted(grid, key=lambda cell: not (cell_dir(mc, *cell) / "figures.json").exists())
 
 
 def train_cell(mc, cooccur, noise, seed):
@@ -329,28 +332,6 @@ def measure_cell(mc, folder, device):
     return figures
 
 
-PANELS = (("ood_exist", "sight: ood existence"), ("f1_gap", "POPE F1, random - adversarial"),
-          ("partner_yes", "yes to a missing partner"), ("random_absent_yes", "yes to a random absent shape"))
-
-
-def plot_map(mc, grid, path):
-    """grid: {(cooccur, noise): [figures per seed]} -> heat maps, one per panel, mean over seeds; a
-    cell not yet measured stays blank."""
-    cs, ns = sorted(mc.cooccur.split(","), key=float), sorted(mc.noise.split(","), key=float)
-    fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
-    for ax, (key, title) in zip(axes, PANELS):
-        m = np.array([[np.mean([f[key] for f in grid.get((c, n), [{key: np.nan}])]) for n in ns]
-                      for c in cs])  # (cooccur, noise)
-        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto")
-        for (r, c), v in np.ndenumerate(m):
-            if np.isfinite(v):
-                colour = "w" if v < np.nanmax(m) * 0.6 else "k"
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color=colour)
-        ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
-               xlabel="pixel noise", ylabel="co-occurrence", title=title)
-    savefig(fig, path)
-
-
 def one_model(mc, device, out_dir):
     """BEAF and the layer reading of one VLM, per evaluation seed -> beaf_layers.json, layers.png (mean)."""
     _, model, cfg, ckpt = load_model("vlm", mc.ckpt, device)
@@ -380,18 +361,17 @@ def main(argv):
     if mc.ckpt:
         return one_model(mc, device, out_dir)
     grid, t0 = {}, time.time()
-    for cooccur, noise in mc.cells():
-        for seed in range(mc.seeds):
-            folder = train_cell(mc, cooccur, noise, seed)
-            f = measure_cell(mc, folder, device)
-            grid.setdefault((cooccur, noise), []).append(f)
-            print(f"cell cooccur={cooccur} noise={noise} seed={seed}: sight {f['ood_exist']:.3f} | POPE F1 "
-                  f"random {f['pope_random_f1']:.3f} adversarial {f['pope_adversarial_f1']:.3f} | partner "
-                  f"yes {f['partner_yes']:.3f} vs random {f['random_absent_yes']:.3f}", flush=True)
-            # the map so far, after every cell: a long grid stopped midway leaves what it measured
-            (out_dir / "map.json").write_text(json.dumps({"config": asdict(mc), "cells": {
-                f"{c},{n}": v for (c, n), v in grid.items()}}, indent=1))
-            plot_map(mc, grid, out_dir / "map.png")
+    for cooccur, noise, seed in cells(mc):
+        folder = train_cell(mc, cooccur, noise, seed)
+        f = measure_cell(mc, folder, device)
+        grid.setdefault((cooccur, noise), []).append(f)
+        print(f"cell cooccur={cooccur} noise={noise} seed={seed}: sight {f['ood_exist']:.3f} | POPE F1 "
+              f"random {f['pope_random_f1']:.3f} adversarial {f['pope_adversarial_f1']:.3f} | partner "
+              f"yes {f['partner_yes']:.3f} vs random {f['random_absent_yes']:.3f}", flush=True)
+        # the map so far, after every cell: a long grid stopped midway leaves what it measured
+        (out_dir / "map.json").write_text(json.dumps({"config": asdict(mc), "cells": {
+            f"{c},{n}": v for (c, n), v in grid.items()}}, indent=1))
+        plot_map(mc.cooccur, mc.noise, grid, out_dir / "map.png")
     print(f"wrote map.json and map.png to {out_dir} in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -291,3 +291,25 @@ def plot_runs(out_dirs, path):
         if ax.lines[1:] or ax is loss_ax:
             ax.legend(fontsize=8)
     savefig(fig, path)
+
+
+PANELS = (("ood_exist", "sight: ood existence"), ("f1_gap", "POPE F1, random - adversarial"),
+          ("partner_yes", "yes to a missing partner"), ("random_absent_yes", "yes to a random absent shape"))
+
+
+def plot_map(cooccur, noise, grid, path):
+    """causes.py's map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
+    seed]} -> heat maps, one per panel, mean over seeds; a cell not yet measured stays blank."""
+    cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
+    fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    for ax, (key, title) in zip(axes, PANELS):
+        m = np.array([[np.mean([f[key] for f in grid.get((c, n), [{key: np.nan}])]) for n in ns]
+                      for c in cs])  # (cooccur, noise)
+        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto")
+        for (r, c), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                colour = "w" if v < np.nanmax(m) * 0.6 else "k"
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color=colour)
+        ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
+               xlabel="pixel noise", ylabel="co-occurrence", title=title)
+    savefig(fig, path)
