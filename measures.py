@@ -293,8 +293,10 @@ def plot_runs(out_dirs, path):
     savefig(fig, path)
 
 
-PANELS = (("ood_exist", "sight: ood existence"), ("f1_gap", "POPE F1, random - adversarial"),
-          ("partner_yes", "yes to a missing partner"), ("random_absent_yes", "yes to a random absent shape"))
+PANELS = (("ood_exist", "sight: ood existence", (0.5, 1)),
+          ("f1_gap", "POPE F1, random - adversarial", (0, 0.2)),
+          ("partner_yes", "yes to a missing partner", (0, 0.5)),
+          ("random_absent_yes", "yes to a random absent shape", (0, 0.5)))  # one colour scale a panel
 
 
 def plot_map(cooccur, noise, grid, path):
@@ -302,13 +304,13 @@ def plot_map(cooccur, noise, grid, path):
     seed]} -> heat maps, one per panel, mean over seeds; a cell not yet measured stays blank."""
     cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
     fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
-    for ax, (key, title) in zip(axes, PANELS):
+    for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
         m = np.array([[np.mean([f[key] for f in grid.get((c, n), [{key: np.nan}])]) for n in ns]
                       for c in cs])  # (cooccur, noise)
-        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto")
+        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)
         for (r, c), v in np.ndenumerate(m):
             if np.isfinite(v):
-                colour = "w" if v < np.nanmax(m) * 0.6 else "k"
+                colour = "w" if v < (lo + hi) / 2 else "k"
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", color=colour)
         ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
                xlabel="pixel noise", ylabel="co-occurrence", title=title)
