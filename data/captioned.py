@@ -134,8 +134,10 @@ def read_folder(folder):
 
 def folder_key(folder, records, img_size):
     """What identifies the decoded images: each file's name, size and modification time, the size."""
-    stats = [(r["file_name"], r["split"], os.path.getsize(Path(folder) / r["file_name"]),
-              os.stat(Path(folder) / r["file_name"]).st_mtime_ns) for r in records]
+    stats = []
+    for r in records:
+        st = os.stat(Path(folder) / r["file_name"])
+        stats.append((r["file_name"], r["split"], st.st_size, st.st_mtime_ns))
     return hashlib.sha1(json.dumps([stats, img_size]).encode()).hexdigest()[:12]
 
 
@@ -184,6 +186,7 @@ class FolderPairs(Pairs):
     """A user's folder (read_folder's records) as the VLM's image-text pairs: the images decoded,
     resized and centre-cropped once into a checked cache, a BPE trained on the folder's own captions
     and answers (cached by their content); captions are asked with the shapes world's prompt."""
+    splits = ("train", "val")
 
     def __init__(self, cfg, seed=0, verbose=True, cache_dir=CACHE_DIR):
         if not cfg.data_path:
@@ -202,8 +205,6 @@ class FolderPairs(Pairs):
         self.tok = folder_tokenizer(cfg.data_path, records, verbose, cache_dir)
         self.vocab = sorted({o for r in records for o in r["objects"] or ()})
         self.synonyms = read_synonyms(Path(cfg.data_path) / "synonyms.json", self.vocab)
-
-    splits = ("train", "val")
 
     def images(self, split):
         return self._images[split]
