@@ -3,11 +3,11 @@ hold every method against honest controls. `python hallucination.py [--ckpt=PATH
 
 A vision-language model trained on a biased world (circles come with squares, triangles with stars,
 diamonds with crosses) learns the bias along with the pixels, and says "square" where there is none.
-In the shapes world the truth is exact, so hallucination is counted, not guessed (`measures.py`:
-POPE's yes/no questions on three splits, CHAIR on captions of one fixed length).
-Every decoding method (`decoding.py`: greedy, sampling, the plausibility cut alone, VCD, a no-image
-contrast, RITUAL) runs on the same model and questions, beside a data-side control: the same VLM
-trained on the unbiased world, decoded greedily.
+In the shapes world the truth is exact, so hallucination is counted, not guessed (`measures.py`: POPE's
+yes/no questions on three splits, CHAIR on captions of one fixed length). Every decoding method
+(`decoding.py`: greedy, sampling, the plausibility cut alone, VCD, a no-image contrast, RITUAL, M3ID,
+DeCo) runs on the same model and questions, beside a data-side control: the same VLM trained on the
+unbiased world, decoded greedily. `--data_path=DIR`: the study on a user's folder (its `objects`).
 """
 import json
 import time
@@ -21,7 +21,7 @@ import vlm
 from checkpoints import load_checkpoint, load_model
 from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
-from data.captioned import read_folder
+from data.captioned import read_folder, read_pope_file
 from data.shapes import SHAPES, caption
 from decoding import METHODS, decode
 from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
@@ -32,6 +32,7 @@ from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_
 class StudyConfig:
     ckpt: str = ""               # the study's VLM; default: out_dir/biased/ckpt.pt, trained first if missing
     data_path: str = ""          # a user's folder (data/captioned.py): the study on its images and objects
+    pope_file: str = ""          # with data_path: a POPE question file of that folder's images, asked too
     control_ckpt: str = ""       # the same VLM on the unbiased world; default: out_dir/unbiased/ckpt.pt
     out_dir: str = "out-hallucination"
     seeds: int = 3               # evaluation seeds: scenes, absent objects, noise, transforms, sampling
@@ -57,37 +58,57 @@ class StudyConfig:
             raise UserError(f"beta={self.beta} must be in (0, 1]")
         if not 0 <= self.noise_step < 1000:
             raise UserError(f"noise_step={self.noise_step} must be in [0, 1000)")
+        if self.pope_file and not self.data_path:
+            raise UserError("--pope_file asks about a folder's images: give --data_path=DIR too")
 
 
 # ---------------------------------------------------------------------------------------------
 # POPE and CHAIR for one method and seed
 
 @torch.no_grad()
-def pope_run(model, data, name, method, sc, seed, stats, gen, device, batch_size=200):
-    """POPE on the three splits -> (flat dict of figures, one record per question)."""
-    yes, no = (model.tok.encode(" yes")[0], model.tok.encode(" no")[0])
-    out, records, objects = {}, [], data.objects("val")
-    for split in POPE_SPLITS:
-        qs = pope_questions(objects, split, sc.n_scenes, seed, *stats)
-        labels, by_text, by_prob, by_rule = [], [], [], []
-        for k in range(0, len(qs), batch_size):
-            chunk = qs[k:k + batch_size]
-            b = data.make_batch("val", np.array([c[0] for c in chunk]),
-                                [(data.exist_question(c[1]), "") for c in chunk], device)
-            tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
-            for (scene, shape, label), raw, s in zip(chunk, model.texts(tokens), first):
-                labels.append(label)
-                by_text.append(parse_yes_no(raw))
-                by_rule.append(pope_rule(raw))
-                by_prob.append("yes" if s[yes] > s[no] else "no")
-                records.append({"scene": scene, "split": split, "question": data.exist_question(shape),
-                                "label": label, "method": name, "seed": seed, "parsed": by_text[-1],
-                                "raw": raw})
-        out.update({f"pope_{split}_{k}": v for k, v in pope_metrics(labels, by_text).items()})
-        out.update({f"pope_{split}_rule_{k}": v for k, v in pope_metrics(labels, by_rule).items()
-                    if k in ("accuracy", "f1")})  # POPE's own answer rule, as papers report
-        by_prob_figures = pope_metrics(labels, by_prob)
-        out.update({f"pope_{split}_prob_{k}": v for k, v in by_prob_figures.items() if k != "unparsable"})
+def ask_yes_no(model, qs, data, method, sc, gen, device, batch_size=200):
+    """qs: [(split, image, question)], one split a batch -> (raw texts, first-token scores)."""
+    raws, firsts = [], []
+    for k in range(0, len(qs), batch_size):
+        chunk = qs[k:k + batch_size]
+        b = data.make_batch(chunk[0][0], np.array([c[1] for c in chunk]), [(c[2], "") for c in chunk], device)
+        tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
+        raws += model.texts(tokens)
+        firsts += list(first)
+    return raws, firsts
+
+
+def pope_sets(data, sc, seed, stats):
+    """POPE's three splits made from the val objects, and the user's own question file when given ->
+    {set: [(split, image, question, label, question_id)]}, the file's split by split."""
+    sets = {split: [("val", i, data.exist_question(o), label, k) for k, (i, o, label) in
+                    enumerate(pope_questions(data.objects("val"), split, sc.n_scenes, seed, *stats))]
+            for split in POPE_SPLITS}
+    if sc.pope_file:
+        sets["file"] = read_pope_file(sc.pope_file, data.records["train"] + data.records["val"])
+    return sets
+
+
+def pope_run(model, data, name, method, sc, seed, stats, gen, device):
+    """POPE on the three splits (and a question file) -> (flat dict of figures, one record per question)."""
+    yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
+    out, records = {}, []
+    for split, qs in pope_sets(data, sc, seed, stats).items():
+        for part in ("train", "val"):  # a batch reads images of one split
+            asked = [q for q in qs if q[0] == part]
+            raws, firsts = ask_yes_no(model, asked, data, method, sc, gen, device)
+            records += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
+                         "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
+                         "by_prob": "yes" if s[yes] > s[no] else "no"}
+                        for q, raw, s in zip(asked, raws, firsts)]
+        mine = [r for r in records if r["split"] == split]
+        labels = [r["label"] for r in mine]
+        by_text = pope_metrics(labels, [r["parsed"] for r in mine])
+        out.update({f"pope_{split}_{k}": v for k, v in by_text.items()})
+        by_rule = pope_metrics(labels, [pope_rule(r["raw"]) for r in mine])
+        out.update({f"pope_{split}_rule_{k}": by_rule[k] for k in ("accuracy", "f1")})  # as papers report
+        by_prob = pope_metrics(labels, [r["by_prob"] for r in mine])
+        out.update({f"pope_{split}_prob_{k}": v for k, v in by_prob.items() if k != "unparsable"})
     return out, records
 
 
@@ -189,6 +210,8 @@ def mean_std(rows, key):
 COLUMNS = [(f"pope_{s}_{k}", f"{s[:3]} {label}") for s in POPE_SPLITS
            for k, label in (("accuracy", "acc"), ("f1", "f1"), ("yes_ratio", "yes"))]
 COLUMNS += [("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("recall", "recall")]
+FILE_COLUMNS = [("pope_file_accuracy", "file acc"), ("pope_file_f1", "file f1"),
+                ("pope_file_rule_accuracy", "file rule acc")]  # --pope_file's questions
 
 
 def table(results, columns=COLUMNS, plain=()):
@@ -215,9 +238,8 @@ def plot_bars(results, path):
         s = [100 * mean_std(results[n], key)[1] for n in names]
         colours = ["tab:gray" if "unbiased" in n else "tab:blue" for n in names]
         ax.barh(range(len(names)), m, xerr=s, color=colours)
-        ax.set_yticks(range(len(names)))
+        ax.set(yticks=range(len(names)), title=title)
         ax.set_yticklabels(names if ax is axes[0] else [], fontsize=8)
-        ax.set_title(title)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
     savefig(fig, path)
@@ -258,8 +280,7 @@ def attention_plot(model, data, b, greedy, bad, good, path):
         for x, (w, y) in enumerate(zip(words, share.tolist())):
             bad_word = label == "hallucinated" and w in SHAPES and SHAPES.index(w) not in val.scene(i)[:, 0]
             ax.annotate(w, (x, y), fontsize=6, rotation=60, color="red" if bad_word else "black")
-    ax.set_xlabel("caption token")
-    ax.set_ylabel("attention on image tokens")
+    ax.set(xlabel="caption token", ylabel="attention on image tokens")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     savefig(fig, path)
@@ -285,29 +306,32 @@ def pictures(model, data, sc, device, out_dir, n=6):
 def write_pope_files(data, records, folder):
     """Seed 0's questions and every method's answers in POPE's own formats (RUCAIBox/POPE): per split a
     question file {question_id, image, text, label} a line, and per method an answer file {question_id,
-    text}, so POPE's evaluate.py reads them as it reads a paper's."""
+    text}, so POPE's evaluate.py reads them as it reads a paper's (a --pope_file's answers: file_*)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [r["file_name"] for r in data.records["val"]] if hasattr(data, "records") else None
-    for split in POPE_SPLITS:
+    for split in dict.fromkeys(r["split"] for r in records):
         rows = [r for r in records if r["split"] == split and r["seed"] == 0]
         first = [r for r in rows if r["method"] == rows[0]["method"]]
-        with open(folder / f"{split}_questions.jsonl", "w") as f:
-            for k, r in enumerate(first):
-                image = names[r["scene"]] if names else f"val/{r['scene']}"
-                line = {"question_id": k, "image": image, "text": r["question"], "label": r["label"]}
-                f.write(json.dumps(line) + "\n")
+        if split != "file":  # the user's question file is theirs already
+            with open(folder / f"{split}_questions.jsonl", "w") as f:
+                for r in first:
+                    image = names[r["scene"]] if names else f"val/{r['scene']}"
+                    line = {"question_id": r["question_id"], "image": image, "text": r["question"]}
+                    f.write(json.dumps({**line, "label": r["label"]}) + "\n")
         for method in dict.fromkeys(r["method"] for r in rows):
             slug = "".join(c if c.isalnum() else "_" for c in method).strip("_")
             with open(folder / f"{split}_{slug}_answers.jsonl", "w") as f:
-                for k, r in enumerate(r for r in rows if r["method"] == method):
-                    f.write(json.dumps({"question_id": k, "text": r["raw"]}) + "\n")
+                for r in (r for r in rows if r["method"] == method):
+                    f.write(json.dumps({"question_id": r["question_id"], "text": r["raw"]}) + "\n")
 
 
 def check_study(sc, out_dir):
     """Every setting checked before any model trains or anything is written."""
     check_writable(out_dir)
     if sc.data_path:  # a user's folder: read and checked now, and the model must be of it
-        read_folder(sc.data_path)
+        records = read_folder(sc.data_path)
+        if sc.pope_file:
+            read_pope_file(sc.pope_file, records)
         model_cfg = load_checkpoint(sc.ckpt, "vlm")["config"]["model"] if sc.ckpt else None
         if model_cfg and Path(model_cfg.get("data_path") or ".").resolve() != Path(sc.data_path).resolve():
             raise UserError(f"{sc.ckpt} was not trained on {sc.data_path} (its data: "
@@ -353,7 +377,7 @@ def main(argv):
         print(f"{name:<30} POPE acc random {100 * mean_std(r, 'pope_random_accuracy')[0]:.1f} "
               f"adversarial F1 {100 * mean_std(r, 'pope_adversarial_f1')[0]:.1f} | CHAIR_i "
               f"{100 * mean_std(r, 'chair_i')[0]:.1f} | {timing[name]:.0f} s", flush=True)
-    print(f"\n{table(results)}\n")
+    print(f"\n{table(results, COLUMNS + (FILE_COLUMNS if sc.pope_file else []))}\n")
     (out_dir / "results.json").write_text(json.dumps(
         {"config": asdict(sc), "checkpoint": str(sc.ckpt or out_dir / "biased/ckpt.pt"),
          "world": {"cooccur": cfg.cooccur, "skew": cfg.skew}, "methods": results, "seconds": timing,

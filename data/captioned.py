@@ -129,6 +129,35 @@ def read_folder(folder):
     return usable
 
 
+def read_pope_file(path, records):
+    """A POPE question file (RUCAIBox/POPE: {question_id, image, text, label} a line) whose images are in
+    the folder (by path, or by file name alone) -> [(split, image index, text, label, question_id)]."""
+    found = [(r["file_name"], (s, i)) for s in ("train", "val")
+             for i, r in enumerate(x for x in records if x["split"] == s)]
+    where = {Path(name).name: place for name, place in reversed(found)}  # a bare name: its first image
+    where.update(found)  # a path inside the folder is exact
+    if not Path(path).is_file():
+        raise UserError(f"--pope_file={path}: no such file")
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            q = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not a JSON line") from None
+        if q is None:
+            continue
+        if not isinstance(q, dict) or not {"question_id", "image", "text", "label"} <= q.keys():
+            raise UserError(f"{path}:{n}: a POPE question needs question_id, image, text and label")
+        if q["label"] not in ("yes", "no"):
+            raise UserError(f"{path}:{n}: label {q['label']!r} must be yes or no")
+        if str(q["image"]) not in where:
+            raise UserError(f"{path}:{n}: image {q['image']} is not among the folder's images with text")
+        out.append((*where[str(q["image"])], str(q["text"]), q["label"], q["question_id"]))
+    if not out:
+        raise UserError(f"{path}: no questions")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The folder as the VLM's pairs: the same face as the shapes world's
 

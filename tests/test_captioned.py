@@ -119,6 +119,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
 
 
 def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
+    import numpy as np
     import measures as M
     import vlm
     from data.captioned import FolderPairs
@@ -142,8 +143,12 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     run("train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
         f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
         f"--out_dir={out}")
+    user = [{"question_id": 70 + k, "image": rows[k][0] if k % 2 else rows[k][0].split("/")[-1],
+             "text": f"is there a {rows[k][2][0]} in the image?", "label": "yes"} for k in (0, 1, 9, 19)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in user))
     p = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={out / 'ckpt.pt'}", "--seeds=1",
-            "--n_scenes=3", "--n_captions=3", f"--out_dir={tmp_path / 'study'}")
+            "--n_scenes=3", "--n_captions=3", f"--out_dir={tmp_path / 'study'}",
+            f"--pope_file={tmp_path / 'q.jsonl'}")
     results = json.loads((tmp_path / "study/results.json").read_text())["methods"]
     assert "greedy" in results and "unbiased data, greedy" not in results and "greedy" in p.stdout
     assert 0 <= results["greedy"][0]["pope_adversarial_rule_accuracy"] <= 1
@@ -153,9 +158,20 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     assert len(questions) == len(answers) == 6
     assert set(questions[0]) == {"question_id", "image", "text", "label"}
     assert questions[0]["image"] in {f for f, _, _ in rows} and questions[0]["text"].endswith("in the image?")
+    said = [json.loads(x) for x in (pope / "file_greedy_answers.jsonl").read_text().splitlines()]
+    assert sorted(a["question_id"] for a in said) == [70, 71, 79, 89] and "file acc" in p.stdout
+    said_yes = [M.parse_yes_no(a["text"]) == "yes" for a in said]  # every label is yes
+    assert results["greedy"][0]["pope_file_accuracy"] == np.mean(said_yes)
     other = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={tmp_path / 'nope.pt'}",
                 check=False)
     assert other.returncode == 2 and other.stdout == ""
+    (tmp_path / "q.jsonl").write_text(json.dumps({**user[0], "image": "elsewhere/1.jpg"}) + "\n")
+    for extra in ([f"--pope_file={tmp_path / 'q.jsonl'}"], [f"--pope_file={tmp_path / 'f/metadata.jsonl'}"]):
+        bad = run("hallucination.py", f"--data_path={tmp_path / 'f'}", f"--ckpt={out / 'ckpt.pt'}",
+                  f"--out_dir={tmp_path / 'bad'}", *extra, check=False)
+        assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert "is not among the folder's images" in run("hallucination.py", f"--data_path={tmp_path / 'f'}",
+                                                    f"--pope_file={tmp_path / 'q.jsonl'}", check=False).stderr
 
 
 def test_the_shapes_world_exported_is_the_built_in_world(tmp_path):
