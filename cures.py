@@ -61,7 +61,7 @@ def random_like(directions, gen):
     """The control: for each direction (D,), a random one of the same norm."""
     out = []
     for d in directions:
-        r = torch.randn(d.shape, generator=gen, dtype=d.dtype)
+        r = torch.randn(d.shape, generator=gen, dtype=d.dtype).to(d.device)  # drawn on the CPU: any device
         out.append(r / r.norm() * d.norm())
     return out
 

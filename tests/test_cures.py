@@ -50,6 +50,8 @@ def test_steering_keeps_norms_and_follows_the_direction():
     randoms = cures.random_like([d, 2 * d], g)
     assert [r.norm().item() for r in randoms] == pytest.approx([d.norm().item(), 2 * d.norm().item()])
     assert torch.nn.functional.cosine_similarity(randoms[0], d, dim=0).abs() < 0.9
+    on_gpu = cures.random_like([torch.ones(8, device="meta")], g)  # directions on another device than
+    assert on_gpu[0].device.type == "meta"                        # the generator (a CUDA model's)
 
 
 @pytest.fixture(scope="module")
