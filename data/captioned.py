@@ -255,14 +255,18 @@ class FolderPairs(Pairs):
         return [(CAPTION_PROMPT, c) for c in record["captions"]] + list(record["qa"])
 
     def examples(self, split, idx, rng):
-        """-> (rows, [(prompt, answer)]): texts_per_image of each image's captions and question-answer
-        pairs, drawn without repeats while they last."""
-        rows, pairs = [], []
+        """-> (rows, [(prompt, answer)]): as in the shapes world, each image's caption (one of them,
+        drawn), then texts_per_image - 1 of its question-answer pairs, drawn without repeats while they
+        last; an image with captions only (or pairs only) gives what it has, asked again if need be."""
+        rows, pairs, k = [], [], self.cfg.texts_per_image
         for i in idx:
-            texts = self.texts(self.records[split][i])
-            k = self.cfg.texts_per_image
-            pick = rng.permutation(len(texts))[:k] if len(texts) >= k else rng.integers(len(texts), size=k)
-            pairs += [texts[j] for j in pick]
+            r = self.records[split][i]
+            caption = r["captions"][rng.integers(len(r["captions"]))] if r["captions"] else None
+            texts = [(CAPTION_PROMPT, caption)] if caption is not None else []
+            texts += [r["qa"][j] for j in rng.permutation(len(r["qa"]))[:k - len(texts)]]
+            while len(texts) < k:
+                texts += texts[:k - len(texts)]
+            pairs += texts
             rows += [i] * k
         return np.array(rows), pairs
 
@@ -282,10 +286,12 @@ class ExportConfig:
 
 def export(folder, ec, verbose=True):
     """Every scene as a PNG under folder/{train,val}/, and metadata.jsonl: its caption, the shapes
-    world's questions (which shapes, existence, colour, position, shape, count) and its objects."""
+    world's questions (which shapes, "is there a ...?" about every shape, colour, position, shape,
+    count) and its objects."""
     from PIL import Image
     from data.pairs import SHAPES_PROMPT
-    from data.shapes import SHAPES, World, caption, join_words, questions, render, sample_scene
+    from data.shapes import (SHAPES, World, caption, exist_question, join_words, questions, render,
+                             sample_scene)
     world = World(img_size=ec.img_size, seed=ec.seed, cooccur=ec.cooccur, skew=ec.skew)
     lines = []
     for split, n in (("train", ec.n_train), ("val", ec.n_val)):
@@ -296,7 +302,8 @@ def export(folder, ec, verbose=True):
             Image.fromarray(render(world, objs)).save(Path(folder) / name)
             present = sorted(set(objs[:, 0].tolist()))
             qa = [(SHAPES_PROMPT, join_words([SHAPES[s] for s in present]))]
-            qa += [(q, a) for _, q, a in questions(world, split, i, objs)]
+            qa += [(exist_question(s), "yes" if s in present else "no") for s in range(len(SHAPES))]
+            qa += [(q, a) for kind, q, a in questions(world, split, i, objs) if kind != "exist"]
             lines.append({"file_name": name, "caption": caption(objs), "split": split,
                           "qa": [{"q": q, "a": a} for q, a in qa], "objects": [SHAPES[s] for s in present]})
             if verbose and (i + 1) % 5000 == 0:
