@@ -238,7 +238,7 @@ def plot_layers(report, path):
 @dataclass
 class MapConfig:
     cooccur: str = "0,0.45,0.9"  # the grid: co-occurrence strengths (0.45: the study's bias halved) ...
-    noise: str = "0,0.2,0.4"     # ... x pixel noise std (a fraction of 255)
+    noise: str = "0,0.1,0.2,0.4" # ... x pixel noise std (a fraction of 255)
     seeds: int = 1               # training seeds per cell; with --ckpt, evaluation seeds
     max_iters: int = 3000        # every cell's VLM budget, the same for all (the study model's)
     n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
