@@ -53,8 +53,10 @@ def hallucinated_caption(objs, rng, shape=None):
 
 def preference_pool(data, n_scenes, negatives, rng):
     """Training scenes with a trigger whose partner is missing -> (scenes, prompts, chosen, rejected):
-    "is there a {partner}?" no over yes, and the true caption over the one with the partner added;
-    negatives="random": a random absent shape that is no missing partner, in both, instead."""
+    "is there a {partner}?" no over yes, "is there a {present shape}?" yes over no (without it every
+    preferred answer is "no", and tuning teaches "no": adversarial F1 97.5 -> 4.6), and the true caption
+    over the one with the partner added; negatives="random": a random absent shape that is no missing
+    partner, in the first and the last, instead."""
     train = data.shapes["train"]
     scenes, prompts, chosen, rejected = [], [], [], []
     for i in rng.permutation(len(train)).tolist():
@@ -65,11 +67,12 @@ def preference_pool(data, n_scenes, negatives, rng):
         if not missing or not plain:
             continue
         wrong = int(rng.choice(missing if negatives == "partner" else plain))
-        scenes += [i, i]
-        prompts += [exist_question(wrong), CAPTION_PROMPT]
-        chosen += ["no", caption(objs)]
-        rejected += ["yes", hallucinated_caption(objs, rng, wrong)]
-        if len(scenes) >= 2 * n_scenes:
+        there = int(rng.choice(sorted(shapes)))  # its mirror: as many true yeses as true noes
+        scenes += [i, i, i]
+        prompts += [exist_question(wrong), exist_question(there), CAPTION_PROMPT]
+        chosen += ["no", "yes", caption(objs)]
+        rejected += ["yes", "no", hallucinated_caption(objs, rng, wrong)]
+        if len(scenes) >= 3 * n_scenes:
             break
     return scenes, prompts, chosen, rejected
 

@@ -147,13 +147,14 @@ def test_preference_pool_negatives_and_a_dpo_step(tiny):
     for negatives in ("partner", "random"):
         pool = preference.preference_pool(data, 10, negatives, np.random.default_rng(0))
         scenes, prompts, chosen, rejected = pool
-        assert len(scenes) == 20 and chosen[0::2] == ["no"] * 10 and rejected[0::2] == ["yes"] * 10
-        for i, q in zip(scenes[0::2], prompts[0::2]):
+        assert len(scenes) == 30 and chosen[0::3] == ["no"] * 10 and rejected[0::3] == ["yes"] * 10
+        assert chosen[1::3] == ["yes"] * 10 and rejected[1::3] == ["no"] * 10  # balanced: not "say no"
+        for i, q, q_there in zip(scenes[0::3], prompts[0::3], prompts[1::3]):
             shapes = set(train.scene(i)[:, 0].tolist())
-            asked = SHAPES.index(q.split()[-1].rstrip("?"))
+            asked, there = (SHAPES.index(x.split()[-1].rstrip("?")) for x in (q, q_there))
             missing = {PARTNER[s] for s in shapes} - shapes
-            assert asked not in shapes and (asked in missing) == (negatives == "partner")
-        for i, good, bad in zip(scenes[1::2], chosen[1::2], rejected[1::2]):
+            assert asked not in shapes and (asked in missing) == (negatives == "partner") and there in shapes
+        for i, good, bad in zip(scenes[2::3], chosen[2::3], rejected[2::3]):
             assert good == cures.caption(train.scene(i)) and bad.startswith(good.split(" and ")[0])
     pool = preference.preference_pool(data, 4, "partner", np.random.default_rng(0))
     chosen, rejected = preference.preference_batch(data, pool, [0, 1, 2], "cpu")
