@@ -1,5 +1,6 @@
 """Bad input and faults: one line on stderr, a known exit status, and nothing the user had is lost."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -90,10 +91,32 @@ def files(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
     (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
-    return {k: str(tmp_path / v) for k, v in (("latin1", "latin1.conf"), ("quote", "quote.conf"),
-                                              ("binary", "binary.txt"), ("notar", "notar.tar.gz"),
-                                              ("imgs", "imgs"), ("garbage", "notar.tar.gz"),
-                                              ("bomb", "bomb.png"))}
+    bad_lines = {"cap": None, "cap_json": "{x", "cap_missing": '{"file_name": "nope.png", "caption": "x"}',
+                 "cap_objects": '{"file_name": "2.png", "objects": "dog"}', "cap_broken": None}
+    folders = {name: captioned(tmp_path / name, 12, third) for name, third in bad_lines.items()}
+    folders.update(cap_notext=captioned(tmp_path / "cap_notext", 12, text=False),
+                   cap_few=captioned(tmp_path / "cap_few", 9))
+    (tmp_path / "cap_broken" / "5.png").write_bytes(b"\x89PNG broken")
+    pope = {"question_id": 1, "image": "elsewhere.jpg", "text": "is there a dog?", "label": "no"}
+    (tmp_path / "pope.jsonl").write_text(json.dumps(pope) + "\n")
+    named = (("latin1", "latin1.conf"), ("quote", "quote.conf"), ("binary", "binary.txt"),
+             ("notar", "notar.tar.gz"), ("imgs", "imgs"), ("garbage", "notar.tar.gz"), ("bomb", "bomb.png"),
+             ("pope", "pope.jsonl"))
+    return {**folders, **{k: str(tmp_path / v) for k, v in named}}
+
+
+def captioned(folder, n, third=None, text=True):
+    """A folder of n tiny images with metadata.jsonl (its third line replaced by `third`) -> its path."""
+    from PIL import Image
+    folder.mkdir()
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", **({"caption": "a red square"} if text else {}),
+                                 "objects": ["square"]}))
+    lines[2] = third or lines[2]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
 
 
 def png_header(width, height):
@@ -158,6 +181,14 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*T, "--dataset=folder", "--data_path=/nonexistent"], "image folder not found"),
     ("train", "empty", [*T, "--dataset=folder", "--data_path={imgs}"], "cannot read image"),
     ("train", "empty", [*T, "--dataset=cifar10", "--data_path={notar}"], "not a readable cifar-10"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_json}"], "jsonl, line 3: not JSON"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_missing}"], "nope.png does not exist"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_objects}"], "must be a list of strings"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_notext}"], "no caption and no question"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_few}"], "at least 10 are needed"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_broken}"], "cannot read image"),
+    ("hallucination", "empty", ["--data_path={cap}", "--pope_file={pope}"], "elsewhere.jpg is not among"),
+    ("hallucination", "empty", ["--pope_file={pope}"], "give --data_path=DIR too"),
     ("train", "empty", [*M, "--block_size=0"], "block_size=0 must be at least 2"),
     ("train", "empty", [*M, "--corpus={binary}"], "not UTF-8"),
     ("train", "empty", [*M, "--objective=gpt"], "choose bert or diffusion"),
