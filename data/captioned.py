@@ -15,6 +15,7 @@ Held out: every 10th image (in file-name order) unless a `split` field says othe
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -211,6 +212,19 @@ def folder_tokenizer(folder, records=None, verbose=False, cache_dir=CACHE_DIR):
     return Tokenizer.load(out / "tokenizer.json")
 
 
+def existence_phrasing(records):
+    """POPE's question in the folder's own words: the commonest "is there a {object}..." of its
+    questions about its objects, or POPE's "is there a {} in the image?" where it asks none."""
+    seen = Counter()
+    for r in records:
+        for q, _ in r["qa"]:
+            for o in r["objects"] or ():
+                if q.lower().startswith(f"is there a {o}"):
+                    rest = q.lower()[len(f"is there a {o}"):]
+                    seen["is there a {}" + rest.replace("{", "{{").replace("}", "}}")] += 1
+    return seen.most_common(1)[0][0] if seen else "is there a {} in the image?"
+
+
 class FolderPairs(Pairs):
     """A user's folder (read_folder's records) as the VLM's image-text pairs: the images decoded,
     resized and centre-cropped once into a checked cache, a BPE trained on the folder's own captions
@@ -234,6 +248,7 @@ class FolderPairs(Pairs):
         self.tok = folder_tokenizer(cfg.data_path, records, verbose, cache_dir)
         self.vocab = sorted({o for r in records for o in r["objects"] or ()})
         self.synonyms = read_synonyms(Path(cfg.data_path) / "synonyms.json", self.vocab)
+        self.asks = existence_phrasing(records)
 
     def images(self, split):
         return self._images[split]
@@ -244,7 +259,7 @@ class FolderPairs(Pairs):
                 for r in self.records[split]]
 
     def exist_question(self, obj):
-        return f"is there a {self.vocab[obj]} in the image?"  # POPE's question
+        return self.asks.format(self.vocab[obj])
 
     def reference(self, split, i):
         """Image i's first caption, or else its first answer."""

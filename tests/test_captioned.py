@@ -160,7 +160,8 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     answers = (pope / "adversarial_greedy_answers.jsonl").read_text().splitlines()
     assert len(questions) == len(answers) == 6
     assert set(questions[0]) == {"question_id", "image", "text", "label"}
-    assert questions[0]["image"] in {f for f, _, _ in rows} and questions[0]["text"].endswith("in the image?")
+    assert questions[0]["image"] in {f for f, _, _ in rows}
+    assert questions[0]["text"] in {f"is there a {o}?" for o in data.vocab}  # asked as the folder asks
     said = [json.loads(x) for x in (pope / "file_greedy_answers.jsonl").read_text().splitlines()]
     assert sorted(a["question_id"] for a in said) == [70, 71, 79, 89] and "file acc" in p.stdout
     said_yes = [M.parse_yes_no(a["text"]) == "yes" for a in said]  # every label is yes
@@ -175,6 +176,13 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and not (tmp_path / "bad").exists()
     assert "is not among the folder's images" in run("hallucination.py", f"--data_path={tmp_path / 'f'}",
                                                     f"--pope_file={tmp_path / 'q.jsonl'}", check=False).stderr
+
+
+def test_pope_asks_in_the_folders_own_words():
+    from data.captioned import existence_phrasing
+    record = {"objects": ["dog"], "qa": [("Is there a dog in the picture?", "yes"), ("is there a cat?", "no")]}
+    assert existence_phrasing([record]) == "is there a {} in the picture?"  # the cat is none of its objects
+    assert existence_phrasing([{**record, "qa": [("what is it?", "a dog")]}]) == "is there a {} in the image?"
 
 
 def test_the_shapes_world_exported_is_the_built_in_world(tmp_path):
