@@ -1,5 +1,6 @@
 """What the tests share: the tiny configs every test trains or builds, and the subprocess helper."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo's modules, whatever folder pytest is started from
+# Ctrl-C as in a terminal, even when the suite runs in the background (`cmd &` starts with SIGINT ignored,
+# and its children inherit that): the interrupt tests send SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def as_args(config):

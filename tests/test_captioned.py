@@ -100,7 +100,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
     assert np.array_equal(data.images("train")[0], np.asarray(Image.open(tmp_path / "f" / rows[0][0])))
     assert data.tok.decode(data.tok.encode(" " + rows[0][1])) == " " + rows[0][1]  # its own words
     _, texts = data.examples("train", np.arange(6), np.random.default_rng(0))
-    assert [p for p, _ in texts[0::2]] == ["describe the image."] * 6  # every image's caption, then a question
+    assert [p for p, _ in texts[0::2]] == ["describe the image."] * 6  # each image's caption, then a question
     assert {p for p, _ in texts[1::2]} == {"is there a star?"}
     b = data.batch("train", 0, 4, "cpu")
     assert b["images"].shape[1:] == (3, 32, 32) and len(b["prompt"]) == 4 * cfg.texts_per_image
@@ -180,7 +180,8 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
 
 def test_pope_asks_in_the_folders_own_words():
     from data.captioned import existence_phrasing
-    record = {"objects": ["dog"], "qa": [("Is there a dog in the picture?", "yes"), ("is there a cat?", "no")]}
+    qa = [("Is there a dog in the picture?", "yes"), ("is there a cat?", "no")]
+    record = {"objects": ["dog"], "qa": qa}
     assert existence_phrasing([record]) == "is there a {} in the picture?"  # the cat is none of its objects
     assert existence_phrasing([{**record, "qa": [("what is it?", "a dog")]}]) == "is there a {} in the image?"
 
