@@ -387,12 +387,12 @@ def main(argv):
             f.write(json.dumps(r) + "\n")
     plot_bars(results, out_dir / "methods.png")
     write_pope_files(data, records, out_dir / "pope")
-    written, n_captions, n_bad = [], 0, 0
+    written, seen = [], ""
     if not sc.data_path:  # the pictures read the shapes world's scenes
         written, n_captions, n_bad = pictures(model, data, sc, device, out_dir)
+        seen = f"{n_bad} of {n_captions} greedy captions hallucinate; "
     files = ", ".join(["results.json", "pope.jsonl", "pope/", "methods.png", *written])
-    print(f"{n_bad} of {n_captions} greedy captions hallucinate; wrote {files} to {out_dir} "
-          f"in {(time.time() - t_start) / 60:.1f} min")
+    print(f"{seen}wrote {files} to {out_dir} in {(time.time() - t_start) / 60:.1f} min")
     return 0
 
 
