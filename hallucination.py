@@ -94,14 +94,14 @@ def pope_run(model, data, name, method, sc, seed, stats, gen, device):
     yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
     out, records = {}, []
     for split, qs in pope_sets(data, sc, seed, stats).items():
+        mine = []
         for part in ("train", "val"):  # a batch reads images of one split
             asked = [q for q in qs if q[0] == part]
             raws, firsts = ask_yes_no(model, asked, data, method, sc, gen, device)
-            records += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
-                         "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
-                         "by_prob": "yes" if s[yes] > s[no] else "no"}
-                        for q, raw, s in zip(asked, raws, firsts)]
-        mine = [r for r in records if r["split"] == split]
+            mine += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
+                      "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
+                      "by_prob": "yes" if s[yes] > s[no] else "no"} for q, raw, s in zip(asked, raws, firsts)]
+        records += mine
         labels = [r["label"] for r in mine]
         by_text = pope_metrics(labels, [r["parsed"] for r in mine])
         out.update({f"pope_{split}_{k}": v for k, v in by_text.items()})
