@@ -35,7 +35,7 @@ from data import to_tensor
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from decoding import METHODS, decode
 from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
-from measures import answer_questions, parse_yes_no, plot_map, shape_stats
+from measures import answer_questions, map_table, parse_yes_no, plot_map, shape_stats
 
 # ---------------------------------------------------------------------------------------------
 # BEAF: before and after an exact edit
@@ -372,6 +372,7 @@ def main(argv):
         (out_dir / "map.json").write_text(json.dumps({"config": asdict(mc), "cells": {
             f"{c},{n}": v for (c, n), v in grid.items()}}, indent=1))
         plot_map(mc.cooccur, mc.noise, grid, out_dir / "map.png")
+    print("\n".join(map_table(grid)))
     print(f"wrote map.json and map.png to {out_dir} in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -305,13 +305,38 @@ def plot_map(cooccur, noise, grid, path):
     cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
     fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
-        m = np.array([[np.mean([f[key] for f in grid.get((c, n), [{key: np.nan}])]) for n in ns]
-                      for c in cs])  # (cooccur, noise)
-        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)
+        runs = [[[f[key] for f in grid.get((c, n), [{key: np.nan}])] for n in ns] for c in cs]
+        m = np.array([[np.mean(v) for v in row] for row in runs])
+        spread = [[np.std(v) for v in row] for row in runs]
+        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)  # (cooccur, noise)
         for (r, c), v in np.ndenumerate(m):
             if np.isfinite(v):
                 colour = "w" if v < (lo + hi) / 2 else "k"
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color=colour)
+                text = f"{v:.2f}" + (f"\n±{spread[r][c]:.2f}" if len(runs[r][c]) > 1 else "")
+                ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=8)
         ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
                xlabel="pixel noise", ylabel="co-occurrence", title=title)
     savefig(fig, path)
+
+
+MAP_COLUMNS = (("ood_exist", "sight", 1, 3), ("pope_random_f1", "POPE F1 random", 100, 1),
+               ("pope_adversarial_f1", "F1 adversarial", 100, 1), ("f1_gap", "gap", 100, 1),
+               ("partner_yes", "yes to a missing partner (%)", 100, 1),
+               ("random_absent_yes", "yes to a random absent shape (%)", 100, 1),
+               ("chair_i", "CHAIR_i (%)", 100, 1),
+               ("beaf_partner_SB", "BEAF SB, partner removals (%)", 100, 1),
+               ("beaf_random_SB", "BEAF SB, other removals (%)", 100, 1))  # key, header, scale, decimals
+
+
+def map_table(grid):
+    """The map as a markdown table: grid {(cooccur, noise): [figures per run]} -> lines, each figure the
+    mean ± spread (std) over a cell's runs, or the one value where there is one run."""
+    lines = ["| co-occurrence / noise | runs | " + " | ".join(h for _, h, _, _ in MAP_COLUMNS) + " |",
+             "|---" * (len(MAP_COLUMNS) + 2) + "|"]
+    for (c, n) in sorted(grid, key=lambda cell: (float(cell[0]), float(cell[1]))):
+        row = [f"{c} / {n}", str(len(grid[c, n]))]
+        for key, _, scale, dec in MAP_COLUMNS:
+            v = scale * np.array([f[key] for f in grid[c, n]])
+            row.append(f"{v.mean():.{dec}f}" + (f" ± {v.std():.{dec}f}" if len(v) > 1 else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import causes
+import measures
 import vlm
 from data.shapes import PARTNER, render_scene
 from hallucination import StudyConfig
@@ -102,6 +103,7 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     assert "python train.py" not in second.stdout and ckpt.stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "map/map.json").read_text())["cells"] == grid  # from the cached figures
     assert (tmp_path / "map/map.png").stat().st_size > 0
+    assert "| 0 / 0.3 | 1 | " in second.stdout and "| 0.9 / 0.3 | 1 | " in second.stdout  # the table
     one = run("causes.py", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
     assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
     beaf = json.loads((tmp_path / "one/beaf_layers.json").read_text())["beaf"]
@@ -115,3 +117,14 @@ def test_layer_report_reads_every_layer(tiny):
     assert all(len(v) == L and all(0 <= a <= 1 for a in v) for k, v in report.items() if k != "n_wrong")
     if report["n_wrong"]:  # the lens at the last layer is the output: it is wrong wherever the output is
         assert report["lens, where the output is wrong"][-1] == 0
+
+
+def test_map_table_gives_mean_and_spread_over_runs():
+    keys = [key for key, _, _, _ in measures.MAP_COLUMNS]
+    run_a, run_b = dict.fromkeys(keys, 0.5), dict.fromkeys(keys, 0.5)
+    run_a.update(ood_exist=0.9, partner_yes=0.30)
+    run_b.update(ood_exist=1.0, partner_yes=0.40)
+    lines = measures.map_table({("0.9", "0.2"): [run_a, run_b], ("0", "0"): [run_a]})
+    assert len(lines) == 4 and lines[2].startswith("| 0 / 0 | 1 | 0.900 | 50.0 |")  # sorted, one run: no ±
+    cells = lines[3].split(" | ")
+    assert cells[:3] == ["| 0.9 / 0.2", "2", "0.950 ± 0.050"] and cells[6] == "35.0 ± 5.0"
