@@ -299,11 +299,28 @@ PANELS = (("ood_exist", "sight: ood existence", (0.5, 1)),
           ("random_absent_yes", "yes to a random absent shape", (0, 0.5)))  # one colour scale a panel
 
 
+def plot_runs_by_sight(ax, cs, grid):
+    """Every run a point: sight against the yes rate to a missing partner (filled) and to a random absent
+    shape (x), coloured by co-occurrence, so runs that see alike can be compared across priors."""
+    colours = pyplot().cm.plasma(np.linspace(0, 0.85, len(cs)))
+    for c, colour in zip(cs, colours):
+        runs = [f for (c2, _), fs in grid.items() if c2 == c for f in fs]
+        sight = [f["ood_exist"] for f in runs]
+        ax.scatter(sight, [f["partner_yes"] for f in runs], color=colour, label=f"co-occurrence {c}")
+        ax.scatter(sight, [f["random_absent_yes"] for f in runs], color=colour, marker="x")
+    ax.set(xlabel="sight (ood existence)", ylabel="yes rate: partner (o), random absent (x)",
+           title="every run", ylim=(-0.02, 0.6))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot_map(cooccur, noise, grid, path):
     """causes.py's map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
-    seed]} -> heat maps, one per panel, mean over seeds; a cell not yet measured stays blank."""
+    seed]} -> heat maps, one per panel, mean over seeds (a cell not yet measured stays blank), and
+    every run by its sight."""
     cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
-    fig, axes = pyplot().subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    fig, axes = pyplot().subplots(1, len(PANELS) + 1, figsize=(4.2 * (len(PANELS) + 1), 3.6))
+    plot_runs_by_sight(axes[-1], cs, grid)
     for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
         runs = [[[f[key] for f in grid.get((c, n), [{key: np.nan}])] for n in ns] for c in cs]
         m = np.array([[np.mean(v) for v in row] for row in runs])
