@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,25 @@ def tiny_vlm(**overrides):
     cfg = vlm.Config(**{**VLM_TINY, **overrides})
     data = vlm.Data(cfg, seed=0, verbose=False)
     return vlm.VLM(cfg, data.tok).eval(), data
+
+
+def evaluate_again(out_dir, idea="vlm"):
+    """What the idea's evaluate() says of the checkpoint in out_dir, recomputed here on one thread as
+    train.py's subprocess ran -> the figures metrics.json must hold."""
+    from checkpoints import load_model
+    module, model, cfg, ckpt = load_model(idea, Path(out_dir) / "ckpt.pt")
+    data = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return module.evaluate(model, data, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_ckpt(tmp_path_factory):
+    """A tiny VLM trained for two iterations by train.py, shared by the tests that only read one."""
+    out = tmp_path_factory.mktemp("tiny-vlm")
+    run("train.py", "vlm", *VLM_ARGS, "--batch_size=4", "--max_iters=2", "--eval_iters=1", f"--out_dir={out}")
+    return out / "ckpt.pt"

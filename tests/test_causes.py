@@ -7,6 +7,7 @@ import torch
 import causes
 import measures
 import vlm
+from checkpoints import load_model
 from data.shapes import PARTNER, render_scene
 from hallucination import StudyConfig
 from tests.conftest import VLM_TINY, run, tiny_vlm
@@ -52,14 +53,6 @@ def test_beaf_measures_by_hand():
     assert table["partner"]["n"] == 3 and table["random"]["IG"] == 1.0 and table["all"]["n"] == 4
 
 
-def test_beaf_answers_ask_before_and_after(tiny):
-    model, data = tiny
-    edits = causes.beaf_edits(data.shapes["val"], 4, seed=1)
-    records = causes.beaf_answers(model, data, "val", edits, StudyConfig(), "cpu")
-    assert len(records) == len(edits)
-    assert all(r[k] in ("yes", "no", None) for r in records for k in ("before", "after", "kept_before"))
-
-
 def test_logit_lens_at_the_last_layer_is_the_models_own_answer(tiny):
     model, data = tiny
     b = data.make_batch("val", np.arange(4), [("is there a star?", "")] * 4, "cpu")
@@ -88,6 +81,7 @@ def test_probe_separates_a_separable_set():
 
 
 def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
+    threads = torch.get_num_threads()
     conf = tmp_path / "tiny.conf"
     conf.write_text("".join(f"{k} = {v}\n" for k, v in VLM_TINY.items()) + "batch_size = 4\neval_iters = 1\n")
     args = ["causes.py", "--cooccur=0,0.9", "--noise=0.3", "--max_iters=2", "--n_scenes=6",
@@ -95,8 +89,18 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     first = run(*args)
     assert first.stdout.count("python train.py vlm") == 2
     grid = json.loads((tmp_path / "map/map.json").read_text())["cells"]
-    assert set(grid) == {"0,0.3", "0.9,0.3"} and 0 <= grid["0.9,0.3"][0]["partner_yes"] <= 1
+    assert set(grid) == {"0,0.3", "0.9,0.3"}
     ckpt = tmp_path / "map/cooccur0.9-noise0.3-seed0/ckpt.pt"
+    _, model, cfg, saved = load_model("vlm", ckpt)  # the cell's figures, recomputed from its model
+    data = vlm.Data(cfg, seed=saved["config"]["train"]["seed"], verbose=False)
+    torch.set_num_threads(1)  # as the subprocess ran
+    try:
+        rates = causes.partner_yes(model, data, 6, "cpu")
+        sight = measures.answer_questions(model, data, "ood", "cpu", kinds=("exist",))["all"]
+    finally:
+        torch.set_num_threads(threads)
+    cell = grid["0.9,0.3"][0]
+    assert (cell["partner_yes"], cell["random_absent_yes"], cell["ood_exist"]) == (*rates, sight)
     assert torch.load(ckpt, weights_only=True)["config"]["model"]["noise"] == 0.3
     stamp = ckpt.stat().st_mtime_ns
     second = run(*args)
@@ -108,15 +112,6 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
     beaf = json.loads((tmp_path / "one/beaf_layers.json").read_text())["beaf"]
     assert len(beaf) == 1 and set(beaf[0]) == {"partner", "random", "all"}
-
-
-def test_layer_report_reads_every_layer(tiny):
-    model, data = tiny
-    report = causes.layer_report(model, data, "cpu", n_train=40, n_val=16)
-    L = len(model.blocks) + 1
-    assert all(len(v) == L and all(0 <= a <= 1 for a in v) for k, v in report.items() if k != "n_wrong")
-    if report["n_wrong"]:  # the lens at the last layer is the output: it is wrong wherever the output is
-        assert report["lens, where the output is wrong"][-1] == 0
 
 
 def test_map_table_gives_mean_and_spread_over_runs():

@@ -24,7 +24,7 @@ import mae
 import sample
 import train
 import vlm
-from checkpoints import load_checkpoint, lock_out_dir
+from checkpoints import load_checkpoint, lock_out_dir, save_atomic
 from config import parse_overrides
 from tests.conftest import MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, run
 
@@ -297,8 +297,9 @@ def test_interrupting_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, c
 
 
 def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
-    p = subprocess.Popen([sys.executable, "train.py", "mae", *MAE_ARGS, "--max_iters=100000",
-                          "--log_interval=1", f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+    common = [*MAE_ARGS, "--log_interval=1", "--lr_decay_iters=1000"]  # one schedule, however long the run
+    p = subprocess.Popen([sys.executable, "train.py", "mae", *common, "--max_iters=100000",
+                          f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in p.stdout:
         if line.startswith("iter 3/"):
@@ -313,7 +314,30 @@ def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
     assert it >= 3
     p = run("train.py", "mae", "--init_from=resume", f"--max_iters={it + 2}", f"--out_dir={tmp_path}")
     assert f"resumed from {tmp_path / 'ckpt.pt'} at iteration {it}" in p.stdout
-    assert load_checkpoint(tmp_path / "ckpt.pt", "mae")["iter"] == it + 2
+    resumed = load_checkpoint(tmp_path / "ckpt.pt", "mae")
+    run("train.py", "mae", *common, f"--max_iters={it + 2}", f"--out_dir={tmp_path / 'straight'}")
+    straight = load_checkpoint(tmp_path / "straight/ckpt.pt", "mae")
+    assert resumed["iter"] == it + 2 and [i for i, _ in resumed["history"]["train"]] == list(range(1, it + 3))
+    assert resumed["history"]["train"] == straight["history"]["train"]  # the losses, bit for bit
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_atomic({"iter": 1, "w": torch.ones(3)}, path)
+
+    def half_then_disk_full(obj, f):  # writes the start of a file where it is told to, then fails
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic({"iter": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["iter"] == 1 and torch.equal(old["w"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary file left beside it
 
 
 def test_ctrl_c_during_startup_is_one_line_and_writes_nothing(tmp_path):
