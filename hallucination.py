@@ -306,7 +306,7 @@ def pictures(model, data, sc, device, out_dir, n=6):
 def write_pope_files(data, records, folder):
     """Seed 0's questions and every method's answers in POPE's own formats (RUCAIBox/POPE): per split a
     question file {question_id, image, text, label} a line, and per method an answer file {question_id,
-    text, answer}, so POPE's evaluate.py reads them as it reads a paper's (a --pope_file's answers: file_*)."""
+    text, answer}, read by POPE's evaluate.py as a paper's are (a --pope_file's answers: file_*)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [r["file_name"] for r in data.records["val"]] if hasattr(data, "records") else None
     for split in dict.fromkeys(r["split"] for r in records):
@@ -322,9 +322,8 @@ def write_pope_files(data, records, folder):
             slug = "".join(c if c.isalnum() else "_" for c in method).strip("_")
             with open(folder / f"{split}_{slug}_answers.jsonl", "w") as f:
                 for r in (r for r in rows if r["method"] == method):
-                    # LLaVA's key (text) and the one POPE's evaluate.py reads (answer)
-                    line = {"question_id": r["question_id"], "text": r["raw"], "answer": r["raw"]}
-                    f.write(json.dumps(line) + "\n")
+                    answer = {"question_id": r["question_id"], "text": r["raw"], "answer": r["raw"]}
+                    f.write(json.dumps(answer) + "\n")  # text: LLaVA's key; answer: POPE's own
 
 
 def check_study(sc, out_dir):

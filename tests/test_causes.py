@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -9,8 +10,10 @@ import measures
 import vlm
 from checkpoints import load_model
 from data.shapes import PARTNER, render_scene
-from hallucination import StudyConfig
+import hallucination as H
+from data.shapes import SHAPES
 from tests.conftest import VLM_TINY, run, tiny_vlm
+from tests.oracle import Oracle, partner_prior
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +126,88 @@ def test_map_table_gives_mean_and_spread_over_runs():
     assert len(lines) == 4 and lines[2].startswith("| 0 / 0 | 1 | 0.900 | 50.0 |")  # sorted, one run: no ±
     cells = lines[3].split(" | ")
     assert cells[:3] == ["| 0.9 / 0.2", "2", "0.950 ± 0.050"] and cells[6] == "35.0 ± 5.0"
+
+
+# ---------------------------------------------------------------------------------------------
+# The causes: the map's partner rates, BEAF's before and after, the layers
+
+def test_map_partner_rates_are_the_partner_and_the_random_absent(tiny):
+    _, data = tiny
+    assert causes.partner_yes(Oracle(data, partner_prior), data, 20, "cpu") == (1.0, 0.0)
+    assert causes.partner_yes(Oracle(data), data, 20, "cpu") == (0.0, 0.0)
+
+    def yes_to_others(objs, prompt, truth):
+        if prompt.startswith("is there a "):
+            asked = SHAPES.index(prompt[len("is there a "):-1])
+            return "no" if asked in [PARTNER[s] for s in objs[:, 0].tolist()] else "yes"
+        return truth
+    assert causes.partner_yes(Oracle(data, yes_to_others), data, 20, "cpu") == (0.0, 1.0)
+
+
+def test_ask_answers_each_image_about_its_own_shape(tiny):
+    _, data = tiny
+    val = data.shapes["val"]
+    shapes = [int(val.scene(i)[0, 0]) for i in range(10)] + [s for s in range(6)]
+    images = np.stack([val.images[i] for i in range(10)] + [val.images[0]] * 6)
+    said = causes.ask(Oracle(data), data, images, shapes, H.StudyConfig(), "cpu", batch_size=4)
+    present = val.scene(0)[:, 0].tolist()
+    assert said == ["yes"] * 10 + ["yes" if s in present else "no" for s in range(6)]
+
+
+def test_beaf_asks_before_on_the_scene_and_after_on_the_edit(tiny):
+    _, data = tiny
+    val = data.shapes["val"]
+    edits = causes.beaf_edits(val, 30, seed=0)
+    assert {e[3] for e in edits} == {"partner", "random"}
+    after = causes.removed_images(data.world, "val", val, edits)
+    oracle = Oracle(data, partner_prior)
+    oracle.register(after, [np.delete(val.scene(e[0]), e[1], axis=0) for e in edits])
+    records = causes.beaf_answers(oracle, data, "val", edits, H.StudyConfig(), "cpu")
+    # before: the object is there (yes); after: the prior keeps saying yes to a removed partner
+    # (stubborn), and a removed other shape is seen gone (true understanding); the kept one stays yes
+    for r, e in zip(records, edits):
+        assert (r["scene"], r["kind"]) == (e[0], e[3]) and r["before"] == "yes"
+        assert r["after"] == ("yes" if e[3] == "partner" else "no")
+        assert r["kept_before"] == r["kept_after"] == "yes"
+    table = causes.beaf_table(records)
+    assert (table["partner"]["SB"], table["partner"]["TU"]) == (1.0, 0.0)
+    assert (table["random"]["TU"], table["random"]["SB"], table["all"]["ID"]) == (1.0, 0.0, 0.0)
+    assert table["all"]["n"] == len(edits)
+
+
+def test_answer_states_are_each_blocks_output(tiny):
+    model, data = tiny
+    b = data.make_batch("val", np.arange(5), [("is there a star?", "")] * 5, "cpu")
+    images = vlm.row_images(b)
+    states = causes.answer_states(model, images, b["prompt"])
+    with torch.no_grad():
+        _, state = model.start(images, b["prompt"], layers=True)  # the generation path keeps them too
+        x = model.sequence(images, b["prompt"], b["prompt"][:, :0])[0]
+    assert torch.allclose(states[0], x[:, -1])
+    for layer in range(len(model.blocks)):
+        assert torch.allclose(states[layer + 1], state["layers"][layer], atol=1e-5), layer
+    assert not torch.allclose(states[1], states[2])
+
+
+def test_layer_report_finds_the_layer_that_knows(tiny, monkeypatch):
+    model, data = tiny
+    planted = 1  # only the first block's output carries the answer
+
+    def states_of(model, data, split, items, device):
+        g = torch.Generator().manual_seed(len(items) + (split == "val"))
+        x = torch.randn(len(model.blocks) + 1, len(items), model.cfg.n_embd, generator=g)
+        x[planted, :, 0] += 10 * torch.tensor([c[2] for c in items]).float()
+        return x
+    monkeypatch.setattr(causes, "states_of", states_of)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.head_bias[model.tok.encode(" yes")[0]] = 1e4  # the lens says yes at every layer
+    report = causes.layer_report(model, data, "cpu", n_train=150, n_val=50)
+    items = causes.existence_items(data.shapes["val"], 50, 1)
+    n_true = sum(c[2] for c in items)
+    probe = report["probe, all"]
+    assert probe[planted] > 0.97 and all(a < 0.85 for k, a in enumerate(probe) if k != planted), probe
+    assert report["probe, where the output is wrong"][planted] > 0.97
+    assert report["lens, all"] == pytest.approx([n_true / len(items)] * len(probe))
+    assert report["lens, missing partners"] == [0.0] * len(probe)
+    assert report["n_wrong"] == len(items) - n_true

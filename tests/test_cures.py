@@ -6,9 +6,14 @@ import pytest
 import torch
 
 import cures
+import decoding as D
+import hallucination as H
+import measures as M
 import preference
 import vlm
+from data.shapes import PARTNER, SHAPES, exist_question
 from tests.conftest import tiny_vlm
+from tests.oracle import Oracle, asked_shape, partner_prior
 
 
 def test_dpo_loss_by_hand():
@@ -181,3 +186,35 @@ def test_the_cures_table_runs_every_cure_beside_its_controls(tmp_path, tiny_vlm_
     for name, (row,) in results.items():  # each cure's time as a multiple of greedy's, this seed
         assert row["x_greedy"] == pytest.approx(row["seconds"] / results["greedy"][0]["seconds"])
     assert (tmp_path / "cures/cures.png").stat().st_size > 0
+
+
+def test_cures_partner_yes_rate_counts_only_missing_partners():
+    _, data = tiny_vlm(n_train=200, n_eval=60, cooccur=0.9)
+    sc = H.StudyConfig(n_scenes=25, seeds=1)
+    stats = M.shape_stats(data.shapes["train"])
+    val = data.shapes["val"]
+
+    def rate(rule):
+        _, records = H.pope_run(Oracle(data, rule), data, "m", D.METHODS["greedy"], sc, 0, stats,
+                                torch.Generator(), "cpu")
+        return cures.partner_yes_rate(records, val), records
+
+    assert rate(partner_prior)[0] == 1.0
+    assert rate(None)[0] == 0.0  # the truth: never yes to an absent shape
+
+    def yes_to_any_other_absent(objs, prompt, truth):
+        if prompt.startswith("is there a "):
+            asked = SHAPES.index(prompt[len("is there a "):-1])
+            return "no" if asked in {PARTNER[s] for s in objs[:, 0].tolist()} - set(objs[:, 0].tolist()) \
+                else "yes"
+        return truth
+    r, records = rate(yes_to_any_other_absent)
+    partners = [rec for rec in records if rec["label"] == "no" and asked_shape(rec["question"]) in
+                {PARTNER[s] for s in val.scene(rec["scene"])[:, 0].tolist()}]
+    assert len(partners) > 5 and r == 0.0
+    hand = [{"scene": 0, "question": exist_question(PARTNER[int(val.scene(0)[0, 0])]), "label": "no",
+             "parsed": "yes"}]
+    if PARTNER[int(val.scene(0)[0, 0])] not in val.scene(0)[:, 0]:
+        assert cures.partner_yes_rate(hand, val) == 1.0
+        assert cures.partner_yes_rate([{**hand[0], "parsed": "no"}], val) == 0.0
+        assert math.isnan(cures.partner_yes_rate([{**hand[0], "label": "yes"}], val))  # no partner question

@@ -9,7 +9,7 @@ import decoding as D
 import hallucination as H
 import measures as M
 import vlm
-from data.shapes import PARTNER, SHAPES
+from data.shapes import BACKGROUND, PARTNER, SHAPES
 from tests.conftest import tiny_vlm
 
 
@@ -196,6 +196,102 @@ def test_the_study_end_to_end_writes_what_its_records_say(tmp_path, tiny_vlm_ckp
                 assert all(r["parsed"] == M.parse_yes_no(r["raw"]) for r in mine)
     for split in M.POPE_SPLITS:
         seed0 = [r for r in records if (r["method"], r["seed"], r["split"]) == ("VCD (greedy)", 0, split)]
-        answers = [json.loads(x) for x in (out / f"pope/{split}_VCD__greedy_answers.jsonl").read_text().split("\n")
-                   if x]
-        assert [(a["question_id"], a["text"]) for a in answers] == [(r["question_id"], r["raw"]) for r in seed0]
+        lines = (out / f"pope/{split}_VCD__greedy_answers.jsonl").read_text().splitlines()
+        answers = [json.loads(x) for x in lines]
+        expected = [(r["question_id"], r["raw"], r["raw"]) for r in seed0]
+        assert [(a["question_id"], a["text"], a["answer"]) for a in answers] == expected
+
+
+def test_image_attention_is_the_share_on_the_image_by_hand(tiny):
+    model, data = tiny
+    model = copy.deepcopy(model)
+    C = model.cfg.n_embd
+    with torch.no_grad():  # queries and keys all zero: each position attends evenly to what it may see
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:2 * C] = 0
+            blk.attn.qkv.bias[:2 * C] = 0
+    b = data.make_batch("val", np.arange(3), [("is there a star?", "yes"), (vlm.CAPTION_PROMPT, "a red star"),
+                                              ("where is the circle?", "top left")], "cpu")
+    share = H.image_attention(model, vlm.row_images(b), b["prompt"], b["answer"])
+    n_img = data.image_len()
+    n_prompt = (b["prompt"] != data.tok.pad_id).sum(1)
+    # the position predicting answer token t sees the image, the real prompt, and answer tokens before t
+    expected = n_img / (n_img + n_prompt[:, None] + torch.arange(b["answer"].shape[1])[None])
+    real = b["answer"] != data.tok.pad_id  # the answers' own tokens (padding after them sees less)
+    assert torch.allclose(share[real], expected.float()[real], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: what each second branch is given, and how it is mixed in
+
+def test_vcd_noise_coefficients_from_the_schedule_by_hand():
+    betas = [1e-5 + (5e-3 - 1e-5) / (1 + math.exp(-(-6 + 12 * i / 999))) for i in range(1000)]
+    alpha_bar = math.prod(1 - b for b in betas[:501])  # x_500: the steps 0..500 applied
+    a, s = D.noise_coefficients(500)
+    assert a == pytest.approx(math.sqrt(alpha_bar), rel=1e-9) and s == pytest.approx(math.sqrt(1 - alpha_bar))
+    assert (round(a, 3), round(s, 3)) == (0.863, 0.505)  # the reference's published pair
+
+
+def test_second_branch_images_by_hand():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    rows, sc = torch.tensor([2, 0]), H.StudyConfig()
+    draws = [11, 22, 33]
+    noised, index = D.second_images(images, rows, "noised", draws, sc)
+    a, s = D.noise_coefficients(sc.noise_step)
+    for out, r in zip(noised, rows.tolist()):
+        eps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(draws[r]))
+        assert torch.allclose(out, a * images[r] + s * eps) and index is None
+    turned, _ = D.second_images(images, torch.arange(3), "transformed", [0, 1, 3], sc)
+    pic = images.numpy()
+    assert np.array_equal(turned[0].numpy(), pic[0][:, :, ::-1])  # left-right
+    assert np.array_equal(turned[1].numpy(), pic[1][:, ::-1, :])  # upside down
+    assert np.array_equal(turned[2].numpy(), np.rot90(pic[2], 2, axes=(1, 2)))  # half a turn
+    blank, index = D.second_images(images, rows, "blank", None, sc)
+    assert blank.shape == (1, 3, 8, 8) and index.tolist() == [0, 0]
+    assert torch.allclose(blank[0, :, 0, 0], torch.tensor(BACKGROUND) / 127.5 - 1)
+
+
+def test_mix_is_each_methods_formula_by_hand():
+    sc = H.StudyConfig(alpha=0.5, kappa=2.0, m3id_lambda=0.1, beta=0.01)
+    clean, other = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[1.0, 3.0, -1.0]])
+    vcd = D.mix(D.METHODS["VCD (greedy)"], clean, other, sc)
+    assert vcd.tolist() == [[1.5 * 2 - 0.5 * 1, 1.5 * 1 - 0.5 * 3, 1.5 * 0 + 0.5]]
+    ritual = D.mix(D.METHODS["RITUAL (sampling)"], clean, other, sc)
+    assert ritual.tolist() == [[2 + 2 * 1, 1 + 2 * 3, 0 - 2 * 1]]  # added: the transformed image agrees
+    w = math.exp(0.1 * 4) - 1
+    m3id = D.mix(D.METHODS["M3ID (greedy)"], clean, other, sc, t=4)
+    assert m3id[0].tolist() == pytest.approx([2 + w * 1, 1 + w * -2, 0 + w * 1], rel=1e-5)
+    blank_contrast = D.mix(D.METHODS["no-image contrast (sampling)"], clean, other, sc)
+    assert torch.equal(blank_contrast, vcd)
+
+
+def test_decode_gives_each_branch_its_own_image(tiny, monkeypatch):
+    model, data = tiny
+    b = data.make_batch("val", np.arange(4), [("is there a star?", "")] * 4, "cpu")
+    images, sc = vlm.row_images(b), H.StudyConfig()
+    a, s = D.noise_coefficients(sc.noise_step)
+    for name in ("VCD (greedy)", "RITUAL (sampling)", "M3ID (greedy)"):
+        seen, start = [], model.start
+
+        def recording(imgs, prompt, answer=None, image_index=None, layers=False):
+            seen.append(imgs if image_index is None else imgs[image_index])
+            return start(imgs, prompt, answer, image_index, layers)
+        monkeypatch.setattr(model, "start", recording)
+        gen = torch.Generator().manual_seed(5)
+        D.decode(model, images, b["prompt"], D.METHODS[name], sc, 2, gen, gate=False)
+        monkeypatch.undo()
+        assert torch.equal(seen[0], images) and len(seen) == 2
+        g = torch.Generator().manual_seed(5)  # the draws, as the method makes them up front
+        if name.startswith("VCD"):
+            seeds = torch.randint(2 ** 62, (4,), generator=g).tolist()
+            eps = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(d))
+                               for d in seeds])
+            assert torch.allclose(seen[1], a * images + s * eps, atol=1e-6)
+        elif name.startswith("RITUAL"):
+            ks = torch.randint(0, 4, (4,), generator=g).tolist()
+            for out, img, k in zip(seen[1], images.numpy(), ks):  # flips, then quarter turns
+                ref = img[:, :, ::-1] if k == 0 else img[:, ::-1] if k == 1 else np.rot90(img, k - 1, (1, 2))
+                assert np.array_equal(out.numpy(), ref)
+        else:
+            assert torch.allclose(seen[1], vlm.blank_like(images))

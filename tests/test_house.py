@@ -68,10 +68,12 @@ def test_lines_fit_110_characters_and_no_lambda_is_bound_to_a_name():
 
 
 def test_files_and_functions_read_in_one_sitting():
+    """A file reads in one sitting (about 300-450 lines, 500 at most), a function about 60 (the loop 100).
+    The rule serves reading: never move code to another file only to stay under it."""
     too_long = []
     for path in SOURCES:
         text = path.read_text(encoding="utf-8")
-        if len(text.splitlines()) > 400:
+        if len(text.splitlines()) > 500:
             too_long.append(f"{path.name}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -130,12 +130,14 @@ def test_mlm_objective_masks_the_caption_and_sees_everything(tiny):
     loss, m = model(b)
     torch.manual_seed(3)  # the same masks, by hand: BERT's masking, then the model's fill
     n_regular = data.tok.vocab_size - len(data.tok.special)
-    inputs, labels = mlm.mask_tokens(b["answer"], data.tok.mask_id, n_regular, model.special_ids, cfg.mask_prob)
+    inputs, labels = mlm.mask_tokens(b["answer"], data.tok.mask_id, n_regular, model.special_ids,
+                                     cfg.mask_prob)
     logits = model.fill(b["images"], b["prompt"], inputs, b["image_index"])
     sel = labels != -100
     assert sel.any() and (inputs[sel] != b["answer"][sel]).any()  # some caption tokens were hidden
     assert (labels[~sel] == -100).all() and torch.equal(labels[sel], b["answer"][sel])
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[sel], labels[sel]).item(), rel=1e-5)
+    by_hand = torch.nn.functional.cross_entropy(logits[sel], labels[sel])
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert m["acc"] == pytest.approx((logits[sel].argmax(-1) == labels[sel]).float().mean().item())
 
 

@@ -1,0 +1,132 @@
+"""Would the suite notice a wrong figure? Plant one small bug at a time in the code that computes the
+course's figures, run the tests that guard it, and count the bugs they catch.
+
+    python tests/mutants.py            every planted bug (about 10 minutes on 2 cores)
+    python tests/mutants.py 3 7        only bugs 3 and 7 (their numbers in the list)
+
+Each bug is planted in a copy of the repository (its tracked files and the data cache), never in
+this checkout. The first eleven are the ones a review planted and the suite once missed (issue 25);
+the rest were planted to check the new tests. Exit status 1 if any bug goes unnoticed.
+"""
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURES, CAUSES, CURES = "tests/test_measures.py", "tests/test_causes.py", "tests/test_cures.py"
+DECODING = "tests/test_hallucination.py"  # decoding.py's tests, and the study's
+
+# (what the bug does, file, the line as it is, the line with the bug, the tests that must catch it)
+MUTANTS = [
+    ("question accuracy counts wrong answers as right", "measures.py",
+     "right.get(kind, 0) + (said == a)", "right.get(kind, 0) + (said != '')", [MEASURES]),
+    ("the blank-canvas accuracy reads the real image", "measures.py",
+     'images = blank_like(b["images"]) if blank else b["images"]', 'images = b["images"]', [MEASURES]),
+    ("the map's partner-yes and random-absent rates swapped", "causes.py",
+     "asked += [int(rng.choice(missing)), int(rng.choice(plain))]",
+     "asked += [int(rng.choice(plain)), int(rng.choice(missing))]", [CAUSES]),
+    ("the cures table's partner-yes counts the wrong questions", "cures.py",
+     'if r["label"] == "no" and asked in {PARTNER[s] for s in shapes}:',
+     'if r["label"] == "no" and asked not in {PARTNER[s] for s in shapes}:', [CURES]),
+    ("BEAF's before and after images swapped", "causes.py",
+     "np.concatenate([before, after, before, after])", "np.concatenate([after, before, before, after])",
+     [CAUSES]),
+    ("the layer probes read the same layer at every depth", "causes.py",
+     "train_probe(x_train[l], y_train)(x_val[l])", "train_probe(x_train[-1], y_train)(x_val[-1])", [CAUSES]),
+    ("the co-occurrence matrix transposed", "measures.py", "    return freq, cooc\n",
+     "    return freq, cooc.T\n", [MEASURES]),
+    ("VCD's second branch given the clean image", "decoding.py",
+     "return a * images[rows] + s * torch.stack(eps).to(images.device), None", "return images[rows], None",
+     [DECODING]),
+    ("RITUAL's sign flipped", "decoding.py", "return (logits + kappa * logits_t)",
+     "return (logits - kappa * logits_t)", [DECODING]),
+    ("the attention plot measures the share on text", "hallucination.py", "w[..., :n_img].sum(-1)",
+     "w[..., n_img:].sum(-1)", [DECODING]),
+    ("checkpoints written in place", "checkpoints.py", "torch.save(obj, tmp)", "torch.save(obj, path)",
+     ["tests/test_errors.py::test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole"]),
+    # planted to check the new tests: flipped comparisons, swapped arguments, off-by-one, transposed
+    ("POPE's false negatives skip unparsable answers", "measures.py",
+     'fn = sum(lab == "yes" and a != "yes"', 'fn = sum(lab == "yes" and a == "no"',
+     ["tests/test_hallucination.py"]),
+    ("POPE's popular split asks the rarest absent shape", "measures.py",
+     "no = max(absent, key=freq.__getitem__)", "no = min(absent, key=freq.__getitem__)", [MEASURES]),
+    ("POPE's adversarial split reads the co-occurrence by column", "measures.py",
+     "cooc[present].max(0)", "cooc[:, present].max(1)", [MEASURES]),
+    ("caption precision and recall swapped", "measures.py", "p, r = tp / max(1, n_said), tp / max(1, n_true)",
+     "p, r = tp / max(1, n_true), tp / max(1, n_said)", [MEASURES]),
+    ("P(yes) vs P(no) read the wrong way round", "hallucination.py", '"yes" if s[yes] > s[no] else "no"',
+     '"yes" if s[yes] < s[no] else "no"', [MEASURES]),
+    ("the blank figure computed with the image", "measures.py",
+     "attribute_accuracy(model, data, split, device, blank=True)",
+     "attribute_accuracy(model, data, split, device, blank=False)", [MEASURES]),
+    ("the monitor asks every kind of question", "measures.py",
+     'n_scenes=n_scenes, kinds=("exist",))', "n_scenes=n_scenes, kinds=None)", [MEASURES]),
+    ("shape frequency counted, not averaged", "measures.py", "freq = present.mean(0)",
+     "freq = present.sum(0)", [MEASURES]),
+    ("the random absent shape may be a missing partner", "causes.py",
+     "if s not in shapes and s not in missing]", "if s not in shapes]", [CAUSES]),
+    ("VCD's noise one diffusion step early", "decoding.py", "torch.cumprod(1 - betas, 0)[t]",
+     "torch.cumprod(1 - betas, 0)[t - 1]", [DECODING]),
+    ("the second branch reads the clean rows in decode", "decoding.py",
+     "model.start(imgs, prompt[joining], answer, index)",
+     "model.start(images[joining], prompt[joining], answer)",
+     [DECODING]),
+    ("the answer positions off by one", "vlm.py", "return x[:, -A - 1:-1]", "return x[:, -A:]",
+     [DECODING, "tests/test_vlm.py"]),
+    ("M3ID's weight without its division", "decoding.py", "return (1 - g) / g", "return 1 - g",
+     [DECODING]),
+    ("the layer states skip the embedding", "causes.py", "    states = [x[:, -1]]\n", "    states = []\n",
+     [CAUSES]),
+    ("CHAIR_s counts every caption that names anything", "measures.py", "bad_captions += n_said > tp",
+     "bad_captions += n_said >= tp", ["tests/test_hallucination.py"]),
+]
+
+
+def copy_repo(dest):
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in files.splitlines():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    if (ROOT / "data/cache").is_dir():  # rendered scenes: no need to draw them again
+        shutil.copytree(ROOT / "data/cache", dest / "data/cache")
+
+
+def caught(repo, mutant):
+    """Plant the bug, run its tests, take the bug out -> (caught?, seconds)."""
+    what, file, old, new, tests = mutant
+    path = repo / file
+    source = path.read_text()
+    if source.count(old) != 1:
+        raise SystemExit(f"{what}: the line to change is not once in {file} (the code moved: update MUTANTS)")
+    path.write_text(source.replace(old, new))
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                           cwd=repo, capture_output=True, text=True)
+    finally:
+        path.write_text(source)
+    return p.returncode == 1, time.time() - t0  # 1: a test failed; anything else is not a catch
+
+
+def main(argv):
+    chosen = [int(a) for a in argv] or range(1, len(MUTANTS) + 1)
+    missed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        for k in chosen:
+            ok, seconds = caught(repo, MUTANTS[k - 1])
+            verdict = "caught" if ok else "MISSED"
+            print(f"{k:2d}. {verdict}  {seconds:4.0f} s  {MUTANTS[k - 1][0]}", flush=True)
+            if not ok:
+                missed.append(k)
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught"
+          + (f"; missed: {', '.join(map(str, missed))}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
