@@ -23,7 +23,7 @@ from train import TrainConfig
 @dataclass
 class BenchConfig:
     steps: int = 10        # timed training steps per row (after 2 warm-ups); hallucination: rounds of runs
-    device: str = "auto"
+    device: str = "auto"   # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
 
     def __post_init__(self):
         at_least(self, 1, "steps")

@@ -244,8 +244,8 @@ class MapConfig:
     n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
     config: str = ""             # a config file for every cell's `train.py vlm` (a smaller model, say)
     ckpt: str = ""               # given: BEAF and the layers of this VLM, instead of the map
-    out_dir: str = "out-causes"
-    device: str = "auto"
+    out_dir: str = "out-causes"  # where every cell's model and figures, and the map, are kept
+    device: str = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
 
     def __post_init__(self):
         at_least(self, 1, "seeds", "max_iters", "n_scenes")

@@ -6,8 +6,10 @@ unknown key fails in one line with a "did you mean".
 """
 import dataclasses
 import difflib
+import inspect
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,12 +84,39 @@ def parse_overrides(args, *config_classes):
     return out
 
 
-def config_help(*config_classes, defaults=None):
+FIELD_LINE = re.compile(r"\s+(\w+): [^=#]+=[^#]*#\s?(.*)$")  # `name: type = default  # what it means`
+COMMENT_LINE = re.compile(r"\s+#\s?(.*)$")  # a comment's next line, under it
+
+
+def field_help(cls):
+    """{key: what it means}, from the comment beside each field in the dataclass's source (and its
+    bases'): the help is written once, where the field is."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        key = None
+        for line in inspect.getsource(klass).splitlines():
+            field, more = FIELD_LINE.match(line), COMMENT_LINE.match(line)
+            if field:
+                key, out[field.group(1)] = field.group(1), field.group(2).strip()
+            elif more and key:
+                out[key] += " " + more.group(1).strip()
+            else:
+                key = None
+    return out
+
+
+def config_help(*config_classes, defaults=None, titles=None):
+    """Every key with its default and what it means, one line each, a group per dataclass."""
     lines = []
-    for cls in config_classes:
+    for k, cls in enumerate(config_classes):
+        if titles:
+            lines.append(f"{titles[k]}:")
+        meaning = field_help(cls)
         for f in dataclasses.fields(cls):
             default = (defaults or {}).get(f.name, f.default)
-            lines.append(f"  --{f.name}={default}")
+            lines.append(f"  --{f.name}={default}".ljust(26) + f" {meaning.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 

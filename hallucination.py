@@ -34,7 +34,7 @@ class StudyConfig:
     data_path: str = ""          # a user's folder (data/captioned.py): the study on its images and objects
     pope_file: str = ""          # with data_path: a POPE question file of that folder's images, asked too
     control_ckpt: str = ""       # the same VLM on the unbiased world; default: out_dir/unbiased/ckpt.pt
-    out_dir: str = "out-hallucination"
+    out_dir: str = "out-hallucination"  # where the study writes (and trains its models, if not given)
     seeds: int = 3               # evaluation seeds: scenes, absent objects, noise, transforms, sampling
     n_scenes: int = 300          # POPE scenes per split and seed: one yes and one no question each
     n_captions: int = 200        # CHAIR captions per seed
@@ -47,7 +47,7 @@ class StudyConfig:
     deco_alpha: float = 0.6      # DeCo: weight of the anchor layer's logits
     deco_top_k: int = 20         # DeCo: candidates, the final logits' top k ...
     deco_top_p: float = 0.9      # ... then top p
-    device: str = "auto"
+    device: str = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
 
     def __post_init__(self):
         at_least(self, 1, "seeds", "n_scenes", "n_captions", "caption_tokens", "deco_top_k")

@@ -24,22 +24,22 @@ from data import stream_indices, to_tensor
 
 @dataclass
 class Config:
-    dataset: str = "shapes"        # shapes | folder | cifar10
-    data_path: str = ""            # an image folder, or a CIFAR-10 tarball (path or URL)
-    img_size: int = 64
-    n_train: int = 20000           # shapes scenes rendered (and cached) for training
-    n_val: int = 1000
-    patch_size: int = 8
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    decoder_n_layer: int = 2
-    decoder_n_head: int = 4
-    decoder_n_embd: int = 64
-    mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
-    masking: str = "random"        # random | block (BEiT) | grid
-    norm_pix_loss: bool = True
+    dataset: str = "shapes"       # shapes | folder | cifar10
+    data_path: str = ""           # an image folder, or a CIFAR-10 tarball (path or URL)
+    img_size: int = 64            # pixels a side (images are resized to it)
+    n_train: int = 20000          # shapes scenes rendered (and cached) for training
+    n_val: int = 1000             # held-out shapes scenes
+    patch_size: int = 8           # pixels a side of each patch (a token)
+    n_layer: int = 4              # encoder blocks
+    n_head: int = 4               # encoder heads
+    n_embd: int = 128             # encoder width
+    decoder_n_layer: int = 2      # decoder blocks (the decoder is narrow: it is thrown away)
+    decoder_n_head: int = 4       # decoder heads
+    decoder_n_embd: int = 64      # decoder width
+    mlp_ratio: float = 4.0        # MLP width / model width
+    mask_ratio: float = 0.75      # share of patches hidden from the encoder
+    masking: str = "random"       # random | block (BEiT) | grid
+    norm_pix_loss: bool = True    # predict each patch normalised by its own mean and variance
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "n_train", "n_val", "patch_size", "n_layer", "n_head", "n_embd",

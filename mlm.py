@@ -30,11 +30,11 @@ class Config:
     data_path: str = ""           # shakespeare: a local copy or URL instead of the download
     tokenizer: str = "bpe"        # bpe (trained here, offline) | char | gpt2 (needs the network once)
     vocab_size: int = 512         # bpe only
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    mlp_ratio: float = 4.0
+    block_size: int = 64          # tokens per sequence
+    n_layer: int = 4              # Transformer blocks
+    n_head: int = 4               # attention heads
+    n_embd: int = 128             # model width
+    mlp_ratio: float = 4.0        # MLP width / model width
     objective: str = "bert"       # bert | diffusion
     mask_prob: float = 0.15       # bert; ModernBERT uses 0.30
 

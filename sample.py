@@ -27,8 +27,8 @@ from data import to_tensor
 class SampleConfig:
     out_dir: str = ""              # where the checkpoint is; default out-<idea>
     ckpt: str = "ckpt_best.pt"     # or ckpt.pt, the latest
-    device: str = "auto"
-    seed: int = 0
+    device: str = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    seed: int = 0                  # for sampling and for the masks
     n: int = 8                     # how many held-out examples
     image: str = ""                # mae, vlm: your own image file(s), comma-separated
     scenes: str = ""               # vlm: held-out scene indices, comma-separated (default: the first n)
@@ -38,7 +38,7 @@ class SampleConfig:
     generate: bool = False         # mlm: write text by unmasking
     method: str = "maskgit"        # mlm: maskgit | mdlm
     steps: int = 16                # mlm: unmasking steps
-    temperature: float = 1.0
+    temperature: float = 1.0       # sampling temperature; 0 = the most likely token
     top_k: int = 0                 # 0 = no cut; --prompt shows max(top_k, 5) candidates
 
     def __post_init__(self):

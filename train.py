@@ -41,19 +41,19 @@ class TrainConfig:
     device: str = "auto"          # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"           # auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU) | float32 | ...
     compile: bool = False         # torch.compile the model
-    seed: int = 1337
+    seed: int = 1337              # the weights, the masks, the data order and the shapes world's scenes
     batch_size: int = 64          # per device and micro-step
     grad_accum: int = 1           # micro-steps per optimizer step
-    max_iters: int = 2000
+    max_iters: int = 2000         # training iterations (optimizer steps)
     lr_decay_iters: int = 0       # where the cosine reaches min_lr; 0 = max_iters
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0        # 0 = off
-    eval_interval: int = 250
-    eval_iters: int = 10
-    log_interval: int = 50
+    lr: float = 1e-3              # peak learning rate, after the warmup
+    min_lr: float = 1e-4          # the cosine ends here
+    warmup_iters: int = 100       # linear warmup from 0 to lr
+    weight_decay: float = 0.05    # AdamW's, on matrices only (biases and norms: none)
+    grad_clip: float = 1.0        # clip the gradient norm to this; 0 = off
+    eval_interval: int = 250      # evaluate, checkpoint (and the idea's monitor) every this many iterations
+    eval_iters: int = 10          # batches per split in each evaluation
+    log_interval: int = 50        # a log line every this many iterations
     init_from: str = "scratch"    # scratch | resume (from out_dir/ckpt.pt)
 
     def __post_init__(self):
@@ -367,10 +367,11 @@ def configs(idea, argv):
 
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
-        return usage(USAGE + "\n" + config_help(TrainConfig), argv)
+        return usage(USAGE + "\n" + config_help(TrainConfig, titles=["the loop"]), argv)
     module = load_idea(argv[0])
     if "-h" in argv or "--help" in argv:
-        print(USAGE + "\n" + config_help(TrainConfig, module.Config, defaults=module.train_defaults))
+        print(USAGE + "\n" + config_help(TrainConfig, module.Config, defaults=module.train_defaults,
+                                          titles=["the loop", f"{argv[0]}: the model and its data"]))
         return 0
     module, tc, mc, ckpt = configs(argv[0], argv[1:])
     pick_device(tc.device)

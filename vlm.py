@@ -39,31 +39,31 @@ MAX_TEXT = 128  # text positions (prompt + answer)
 
 @dataclass
 class Config:
-    img_size: int = 64
-    patch_size: int = 8
+    img_size: int = 64           # pixels a side
+    patch_size: int = 8          # pixels a side of each patch
     dataset: str = "shapes"      # shapes (the world) | folder: --data_path=DIR (data/captioned.py)
-    data_path: str = ""
+    data_path: str = ""          # the folder, with --dataset=folder
     n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
     n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
     n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
     vision_n_layer: int = 4      # the tower (mae.ViTEncoder, train.py mae's shapes); 0 = patches straight in
-    vision_n_head: int = 4
-    vision_n_embd: int = 128
+    vision_n_head: int = 4       # the tower's heads
+    vision_n_embd: int = 128     # the tower's width
     merge: int = 2               # pixel shuffle: each k x k patches become one image token (nanoVLM)
     n_layer: int = 4             # the fused stack over [image, prompt, answer]
-    n_head: int = 4
-    n_embd: int = 128
-    mlp_ratio: float = 4.0
+    n_head: int = 4              # the fused stack's heads
+    n_embd: int = 128            # the fused stack's width
+    mlp_ratio: float = 4.0       # MLP width / model width (tower and stack)
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
     texts_per_image: int = 2     # prefix: each image comes with its caption and this many - 1 questions
-    mask_prob: float = 0.15      # mlm
+    mask_prob: float = 0.15      # mlm: the share of caption tokens masked (BERT)
     init_vision: str = "auto"    # the tower starts from: an MAE checkpoint (PATH), none (random), or auto:
                                  # out-mae beside out_dir, trained first (train.py mae) if none matches
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # keep the tower as initialised
     mae_weight: float = 0.0      # > 0: add this times MAE's masked-patch loss on the same tower (joint)
     mae_max_iters: int = 0       # --init_vision=auto: the MAE's training iterations; 0 = train.py mae's
     cooccur: float = 0.5         # the world's bias (data/shapes.py); 0 and 0 = an unbiased world
-    skew: float = 0.5
+    skew: float = 0.5            # how unequal the shapes' frequencies are; 0 = uniform
     noise: float = 0.0           # the world's perception knob (pixels only): Gaussian noise std / 255
     loss_mean: str = "text"      # prefix: every text weighs the same (text), or every answer token (token)
 

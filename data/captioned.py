@@ -294,8 +294,8 @@ class ExportConfig:
     n_train: int = 20000         # training scenes, as the built-in VLM reads
     n_val: int = 500             # held-out scenes
     cooccur: float = 0.5         # the world's bias (data/shapes.py)
-    skew: float = 0.5
-    img_size: int = 64
+    skew: float = 0.5            # how unequal the shapes' frequencies are; 0 = uniform
+    img_size: int = 64           # pixels a side
     seed: int = 1337             # train.py's default seed: the same scenes the built-in path trains on
 
 

@@ -83,6 +83,31 @@ def test_files_and_functions_read_in_one_sitting():
     assert not too_long, too_long
 
 
+def test_help_explains_every_key():
+    """Each key of every configuration has its one-line meaning beside it in the source, which --help
+    prints: `python train.py vlm --help` names and explains each of its keys."""
+    import dataclasses
+    import bench
+    import causes
+    import cures
+    import hallucination
+    import mae
+    import mlm
+    import sample
+    import train
+    import vlm
+    from config import field_help
+    from data.captioned import ExportConfig
+    for cls in (train.TrainConfig, mae.Config, mlm.Config, vlm.Config, hallucination.StudyConfig,
+                causes.MapConfig, cures.CureConfig, sample.SampleConfig, bench.BenchConfig, ExportConfig):
+        meaning = field_help(cls)
+        assert [f.name for f in dataclasses.fields(cls) if len(meaning.get(f.name, "")) < 8] == [], cls
+    out = run("train.py", "vlm", "--help").stdout
+    assert "the loop:" in out and "vlm: the model and its data:" in out
+    assert "--merge=2" in out and "pixel shuffle" in out.split("--merge=2")[1].splitlines()[0]
+    assert "out-mae beside out_dir" in out  # a comment's second line joins its first
+
+
 def test_ideas_never_import_scripts():
     scripts = {"train", "sample", "bench"}
     for name in ("mae", "mlm", "vlm", "hallucination", "causes", "cures", "preference", "decoding",
