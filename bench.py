@@ -1,8 +1,10 @@
-"""Speed, measured side by side in one run: `python bench.py mae|mlm|vlm|hallucination [--steps=N]`.
+"""Speed, measured side by side in one run: `python bench.py mae|mlm|vlm|hallucination [--steps=N]`;
+and time to sight, runs of `train.py vlm` drawn side by side: `python bench.py sight RUN ... OUT.png`.
 
 Absolute times on shared machines are noisy; the ratios in one run are what to read. Each
 training configuration runs in a fresh process, so its peak memory is its own.
 """
+import json
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -14,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_model
-from common import UserError, at_least, choices_text, device_name, fmt_mib, peak_memory_mib, pick_device
+from checkpoints import load_checkpoint, load_model
+from common import (UserError, at_least, check_writable, choices_text, device_name, fmt_mib, peak_memory_mib,
+                    pick_device, pyplot, savefig)
 from config import cli, config_help, parse_overrides, usage
+from data.pairs import CAPTION_PROMPT, length_groups, row_images
 from train import TrainConfig
 
 
@@ -186,12 +190,12 @@ def bench_vlm(bc):
     data = vlm.Data(default, seed=TrainConfig.seed, verbose=False)
     print("\ngeneration, 32 new tokens after image + 'describe the image.' (greedy):")
     for bs in (1, 32):
-        b = data.make_batch("val", np.arange(bs), [(vlm.CAPTION_PROMPT, "")] * bs, device)
+        b = data.make_batch("val", np.arange(bs), [(CAPTION_PROMPT, "")] * bs, device)
         speed = {}
         for cache in (True, False):
-            model.generate(vlm.row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
+            model.generate(row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
             t0 = time.perf_counter()
-            out = model.generate(vlm.row_images(b), b["prompt"], 32, use_cache=cache)
+            out = model.generate(row_images(b), b["prompt"], 32, use_cache=cache)
             speed[cache] = out.numel() / (time.perf_counter() - t0)
         print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | "
               f"recomputing {speed[False]:>8,.0f} tokens/s"
@@ -217,7 +221,7 @@ def vlm_stages(cfg, bc, device):
     b, pad = batches[0], data.tok.pad_id
     real = int((b["prompt"] != pad).sum() + (b["answer"] != pad).sum())
     padded = len(b["prompt"]) * (b["prompt"].shape[1] + b["answer"].shape[1])
-    grouped = sum(len(rows) * (P + A) for rows, P, A in vlm.length_groups(b["prompt"], b["answer"], pad))
+    grouped = sum(len(rows) * (P + A) for rows, P, A in length_groups(b["prompt"], b["answer"], pad))
     print(f"\nwhere a training step goes (batch {bs} images x {cfg.texts_per_image} texts, forward + "
           f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | vision tower {1000 * t_tower:7.1f} ms "
           f"({100 * t_tower / t_step:.0f}%) | the rest (projector, fused stack, loss, optimizer) "
@@ -269,7 +273,7 @@ def bench_hallucination(bc):
                                  *measures.shape_stats(data.shapes["train"]))
     pope = data.make_batch("val", np.array([q[0] for q in qs]), [(exist_question(q[1]), "") for q in qs],
                            device)
-    caps = data.make_batch("val", np.arange(n_captions), [(vlm.CAPTION_PROMPT, "")] * n_captions, device)
+    caps = data.make_batch("val", np.arange(n_captions), [(CAPTION_PROMPT, "")] * n_captions, device)
     print(f"device {device} ({device_name(device)}), "
           f"{torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and {n_captions} "
           f"captions "
@@ -281,7 +285,7 @@ def bench_hallucination(bc):
     tasks = ((pope, 3), (caps, sc.caption_tokens))
 
     def run(method, gate, context, b, n_tokens):
-        images, gen = vlm.row_images(b), torch.Generator().manual_seed(0)
+        images, gen = row_images(b), torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with context():
             n = decoding.decode(model, images, b["prompt"], method, sc, n_tokens, gen, gate)[2]
@@ -327,14 +331,61 @@ def print_ratios(runs, times, read):
         print(f"{name:<34}{ms[0]:>17.2f}{ms[1]:>14.2f}{x[0]:>19.2f}x, {x[1]:.2f}x{share:>24}")
 
 
+def plot_runs(out_dirs, path):
+    """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
+    logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
+    for a tower started from one (its metrics.json)."""
+    fig, (loss_ax, sight_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
+    for d in out_dirs:
+        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
+        loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
+        init = ckpt["config"]["model"]["init_vision"]
+        start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
+        if init not in ("", "none", "auto") and mae_metrics.is_file():
+            start = json.loads(mae_metrics.read_text())["train_seconds"]
+        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])
+                 if m["iter"] > 0]  # at iteration 0 the model answers neither yes nor no
+        if sight:
+            sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
+    loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
+    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
+    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
+    for ax in (loss_ax, sight_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines[1:] or ax is loss_ax:
+            ax.legend(fontsize=8)
+    savefig(fig, path)
+
+
 BENCHES = {"mae": bench_mae, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}
 
 
+def sight(argv):
+    """python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png: runs of `train.py vlm` side by side."""
+    if len(argv) < 2:
+        raise UserError("give the run folders and then the .png to draw their curves into")
+    *runs, png = argv
+    if Path(png).suffix.lower() != ".png":
+        raise UserError(f"the last argument, {png}, names the picture to write: give it a .png name")
+    if not Path(png).parent.is_dir():
+        raise UserError(f"cannot write {png}: there is no folder {Path(png).parent}")
+    check_writable(Path(png).parent)
+    for run in runs:
+        load_checkpoint(Path(run) / "ckpt.pt", "vlm")  # each one checked before anything is drawn
+    plot_runs(runs, png)
+    print(f"wrote {png}")
+    return 0
+
+
 def main(argv):
+    if argv and argv[0] == "sight":
+        return sight(argv[1:])
     if argv and argv[0] not in BENCHES and argv[0] not in ("-h", "--help"):
-        raise UserError(f"no benchmark for {argv[0]!r}; choose {choices_text(BENCHES)}")
+        raise UserError(f"no benchmark for {argv[0]!r}; choose {choices_text(BENCHES)} or sight")
     if not argv or "-h" in argv or "--help" in argv:
-        text = "usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES)
+        text = ("usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES) + "\n"
+                "       python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py vlm side by "
+                "side: val loss by iteration, sight by wall-clock seconds)")
         return usage(text + "\n" + config_help(BenchConfig), argv)
     BENCHES[argv[0]](BenchConfig(**parse_overrides(argv[1:], BenchConfig)))
     return 0

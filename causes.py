@@ -32,10 +32,12 @@ from checkpoints import load_model
 from common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
+from data.pairs import row_images
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from decoding import METHODS, decode
 from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
-from measures import answer_questions, map_table, parse_yes_no, plot_map, shape_stats
+from measures import parse_yes_no, shape_stats
+from vlm import answer_questions
 
 # ---------------------------------------------------------------------------------------------
 # BEAF: before and after an exact edit
@@ -192,7 +194,7 @@ def states_of(model, data, split, items, device, batch_size=256):
         chunk = items[k:k + batch_size]
         questions = [(exist_question(c[1]), "") for c in chunk]
         b = data.make_batch(split, np.array([c[0] for c in chunk]), questions, device)
-        out.append(answer_states(model, vlm.row_images(b), b["prompt"]).cpu())
+        out.append(answer_states(model, row_images(b), b["prompt"]).cpu())
     return torch.cat(out, dim=1)
 
 
@@ -234,6 +236,71 @@ def plot_layers(report, path):
 # ---------------------------------------------------------------------------------------------
 # The map: the prior x perception
 
+
+PANELS = (("ood_exist", "sight: ood existence", (0.5, 1)),
+          ("f1_gap", "POPE F1, random - adversarial", (0, 0.2)),
+          ("partner_yes", "yes to a missing partner", (0, 0.5)),
+          ("random_absent_yes", "yes to a random absent shape", (0, 0.5)))  # one colour scale a panel
+
+
+def plot_runs_by_sight(ax, cs, grid):
+    """Every run a point: sight against the yes rate to a missing partner (filled) and to a random absent
+    shape (x), coloured by co-occurrence, so runs that see alike can be compared across priors."""
+    colours = pyplot().cm.plasma(np.linspace(0, 0.85, len(cs)))
+    for c, colour in zip(cs, colours):
+        runs = [f for (c2, _), fs in grid.items() if c2 == c for f in fs]
+        sight = [f["ood_exist"] for f in runs]
+        ax.scatter(sight, [f["partner_yes"] for f in runs], color=colour, label=f"co-occurrence {c}")
+        ax.scatter(sight, [f["random_absent_yes"] for f in runs], color=colour, marker="x")
+    ax.set(xlabel="sight (ood existence)", ylabel="yes rate: partner (o), random absent (x)",
+           title="every run", ylim=(-0.02, 0.6))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_map(cooccur, noise, grid, path):
+    """causes.py's map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
+    seed]} -> heat maps, one per panel, mean over seeds (a cell not yet measured stays blank), and
+    every run by its sight."""
+    cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
+    fig, axes = pyplot().subplots(1, len(PANELS) + 1, figsize=(4.2 * (len(PANELS) + 1), 3.6))
+    plot_runs_by_sight(axes[-1], cs, grid)
+    for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
+        runs = [[[f[key] for f in grid.get((c, n), [{key: np.nan}])] for n in ns] for c in cs]
+        m = np.array([[np.mean(v) for v in row] for row in runs])
+        spread = [[np.std(v) for v in row] for row in runs]
+        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)  # (cooccur, noise)
+        for (r, c), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                colour = "w" if v < (lo + hi) / 2 else "k"
+                text = f"{v:.2f}" + (f"\n±{spread[r][c]:.2f}" if len(runs[r][c]) > 1 else "")
+                ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=8)
+        ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
+               xlabel="pixel noise", ylabel="co-occurrence", title=title)
+    savefig(fig, path)
+
+
+MAP_COLUMNS = (("ood_exist", "sight", 1, 3), ("pope_random_f1", "POPE F1 random", 100, 1),
+               ("pope_adversarial_f1", "F1 adversarial", 100, 1), ("f1_gap", "gap", 100, 1),
+               ("partner_yes", "yes to a missing partner (%)", 100, 1),
+               ("random_absent_yes", "yes to a random absent shape (%)", 100, 1),
+               ("chair_i", "CHAIR_i (%)", 100, 1),
+               ("beaf_partner_SB", "BEAF SB, partner removals (%)", 100, 1),
+               ("beaf_random_SB", "BEAF SB, other removals (%)", 100, 1))  # key, header, scale, decimals
+
+
+def map_table(grid):
+    """The map as a markdown table: grid {(cooccur, noise): [figures per run]} -> lines, each figure the
+    mean ± spread (std) over a cell's runs, or the one value where there is one run."""
+    lines = ["| co-occurrence / noise | runs | " + " | ".join(h for _, h, _, _ in MAP_COLUMNS) + " |",
+             "|---" * (len(MAP_COLUMNS) + 2) + "|"]
+    for (c, n) in sorted(grid, key=lambda cell: (float(cell[0]), float(cell[1]))):
+        row = [f"{c} / {n}", str(len(grid[c, n]))]
+        for key, _, scale, dec in MAP_COLUMNS:
+            v = scale * np.array([f[key] for f in grid[c, n]])
+            row.append(f"{v.mean():.{dec}f}" + (f" ± {v.std():.{dec}f}" if len(v) > 1 else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 @dataclass
 class MapConfig:

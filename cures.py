@@ -35,7 +35,8 @@ from decoding import METHODS
 from hallucination import COLUMNS, StudyConfig, check_study, plot_bars, run_method, study_model, table
 from measures import shape_stats
 from preference import hallucinated_caption, preference_tune
-from vlm import CAPTION_PROMPT, blank_like, prefix_lm_mask, row_images
+from data.pairs import CAPTION_PROMPT, blank_like, row_images
+from vlm import prefix_lm_mask
 
 
 def principal_direction(diffs, pca=False):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import vlm
+from data.pairs import blank_like
 from mlm import gumbel_noise
 
 
@@ -149,7 +150,7 @@ def second_images(images, rows, second, draws, sc):
         return a * images[rows] + s * torch.stack(eps).to(images.device), None
     if second == "transformed":
         return torch.stack([transform(images[r], draws[r]) for r in rows.tolist()]), None
-    return vlm.blank_like(images[:1]), torch.zeros_like(rows)  # one blank canvas: the tower reads it once
+    return blank_like(images[:1]), torch.zeros_like(rows)  # one blank canvas: the tower reads it once
 
 
 @torch.no_grad()

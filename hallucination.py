@@ -22,6 +22,7 @@ from checkpoints import load_checkpoint, load_model
 from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data.captioned import read_folder, read_pope_file
+from data.pairs import CAPTION_PROMPT, load_tokenizer, row_images
 from data.shapes import SHAPES, caption
 from decoding import METHODS, decode
 from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
@@ -72,7 +73,7 @@ def ask_yes_no(model, qs, data, method, sc, gen, device, batch_size=200):
     for k in range(0, len(qs), batch_size):
         chunk = qs[k:k + batch_size]
         b = data.make_batch(chunk[0][0], np.array([c[1] for c in chunk]), [(c[2], "") for c in chunk], device)
-        tokens, first, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, 3, gen)
+        tokens, first, _ = decode(model, row_images(b), b["prompt"], method, sc, 3, gen)
         raws += model.texts(tokens)
         firsts += list(first)
     return raws, firsts
@@ -121,8 +122,8 @@ def chair_run(model, data, method, sc, seed, gen, device, batch_size=200):
     texts = []
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
-        b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
-        tokens, _, _ = decode(model, vlm.row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
+        b = data.make_batch("val", idx, [(CAPTION_PROMPT, "")] * len(idx), device)
+        tokens, _, _ = decode(model, row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
         texts += model.texts(tokens)
     out = chair_of(data, "val", scenes, texts)
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
@@ -249,11 +250,11 @@ def plot_bars(results, path):
 def greedy_and_vcd_captions(model, data, sc, device, n=400):
     """The first n val scenes captioned greedily and with VCD -> (batch, greedy texts, VCD texts)."""
     idx = np.arange(min(len(data.shapes["val"]), n))
-    b = data.make_batch("val", idx, [(vlm.CAPTION_PROMPT, "")] * len(idx), device)
+    b = data.make_batch("val", idx, [(CAPTION_PROMPT, "")] * len(idx), device)
     gen = torch.Generator().manual_seed(0)
     texts = []
     for name in ("greedy", "VCD (greedy)"):
-        tokens = decode(model, vlm.row_images(b), b["prompt"], METHODS[name], sc, sc.caption_tokens, gen)[0]
+        tokens = decode(model, row_images(b), b["prompt"], METHODS[name], sc, sc.caption_tokens, gen)[0]
         texts.append(model.texts(tokens))
     return b, *texts
 
@@ -274,7 +275,7 @@ def attention_plot(model, data, b, greedy, bad, good, path):
     fig, ax = pyplot().subplots(figsize=(7, 3.5))
     for i, label in ((bad, "hallucinated"), (good, "correct")):
         answer = data.encode([greedy[i]], left_pad=False).to(b["prompt"].device)
-        share = image_attention(model, vlm.row_images(b)[i:i + 1], b["prompt"][i:i + 1], answer)[0]
+        share = image_attention(model, row_images(b)[i:i + 1], b["prompt"][i:i + 1], answer)[0]
         words = [model.tok.token_str(t).strip() for t in answer[0].tolist()]
         ax.plot(share.cpu().numpy(), "o-", label=f"{label} (val {i})")
         for x, (w, y) in enumerate(zip(words, share.tolist())):
@@ -342,7 +343,7 @@ def check_study(sc, out_dir):
         n_eval = study_n_eval(path, out_dir, name)
         if sc.n_scenes > n_eval:
             raise UserError(f"n_scenes={sc.n_scenes}: the {name} model's val split has {n_eval} scenes")
-    prompt = len(vlm.load_tokenizer().encode(" " + vlm.CAPTION_PROMPT))
+    prompt = len(load_tokenizer().encode(" " + CAPTION_PROMPT))
     if prompt + sc.caption_tokens > vlm.MAX_TEXT:
         raise UserError(f"caption_tokens={sc.caption_tokens}: the model reads at most {vlm.MAX_TEXT} text "
                         f"tokens, {prompt} of them the caption prompt; "

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from data.shapes import PARTNER, SHAPES, caption, exist_question
-from vlm import CAPTION_PROMPT, answer_positions, row_images
+from data.pairs import CAPTION_PROMPT, row_images
+from vlm import answer_positions
 
 LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
 

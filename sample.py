@@ -21,6 +21,7 @@ from common import (UserError, at_least, check_writable, draw_grid, load_idea, o
                     savefig)
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
+from data.pairs import CAPTION_PROMPT
 
 
 @dataclass
@@ -178,7 +179,7 @@ def sample_vlm(sc):
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     images, names, idx = scene_images(sc, cfg, data)
     imgs = to_tensor(images, device)
-    prompt = sc.prompt or vlm.CAPTION_PROMPT
+    prompt = sc.prompt or CAPTION_PROMPT
     torch.manual_seed(sc.seed)
     if cfg.objective == "mlm":  # fill the blanks of a caption, given each image
         if "[MASK]" not in prompt:

@@ -21,18 +21,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
-from common import UserError, at_least, check_writable, divisible, one_of
+from common import UserError, at_least, divisible, f1, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
-from data.pairs import (CAPTION_PROMPT, blank_like, length_groups, load_tokenizer, pairs,  # noqa: F401
-                        row_images)
-from measures import evaluate, monitor  # noqa: F401  (the face train.py calls)
-from measures import plot_runs
-from mlm import filter_logits, mask_tokens, masked_loss
+from data.pairs import CAPTION_PROMPT, blank_like, length_groups, load_tokenizer, pairs, row_images
+from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
+from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
 MAX_TEXT = 128  # text positions (prompt + answer)
 
@@ -371,29 +370,121 @@ def prefix_lm_mask(key_valid, n_prefix):
     return (allowed[None] & key_valid[:, None, :])[:, None]  # (B, 1, S, S)
 
 
-# Evaluation (measures.py): questions, captions, attribute words with the real image and a blank;
-# plot_runs draws runs side by side.
+# ---------------------------------------------------------------------------------------------
+# Evaluation, what train.py reports: questions, captions, and how much of it comes from the image
+
+@torch.no_grad()
+def answer_questions(model, data, split, device, batch_size=256, n_scenes=None, kinds=None):
+    """Every question (of `kinds`) of the split's first n_scenes held-out scenes, answered greedily
+    -> {kind: accuracy, 'all': accuracy}."""
+    items = [(i, kind, q, a) for i in range(min(n_scenes or 10 ** 9, len(data.shapes[split])))
+             for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))
+             if kinds is None or kind in kinds]
+    right, total = {}, {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
+        out = model.generate(row_images(b), b["prompt"], max_new_tokens=6)
+        for (_, kind, _, a), said in zip(chunk, model.texts(out)):
+            right[kind] = right.get(kind, 0) + (said == a)
+            total[kind] = total.get(kind, 0) + 1
+    acc = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    acc["all"] = sum(right.values()) / sum(total.values())
+    return acc
 
 
-def main(argv):
-    """python vlm.py RUN_DIR [RUN_DIR ...] PNG: the runs' val curves side by side."""
-    if not argv or "-h" in argv or "--help" in argv:
-        return usage("usage: python vlm.py RUN_DIR [RUN_DIR ...] OUT.png   (the runs' val-loss curves)", argv)
-    if len(argv) < 2:
-        raise UserError("give the run folders and then the .png to draw their curves into")
-    *runs, png = argv
-    if Path(png).suffix.lower() != ".png":
-        raise UserError(f"the last argument, {png}, names the picture to write: give it a .png name")
-    if not Path(png).parent.is_dir():
-        raise UserError(f"cannot write {png}: there is no folder {Path(png).parent}")
-    check_writable(Path(png).parent)
-    for run in runs:
-        load_checkpoint(Path(run) / "ckpt.pt", "vlm")  # each one checked before anything is drawn
-    plot_runs(runs, png)
-    print(f"wrote {png}")
-    return 0
+@torch.no_grad()
+def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40):
+    """Greedy captions of the split's held-out scenes -> object precision, recall, F1, exact match."""
+    tp = n_said = n_true = exact = 0
+    n = len(data.shapes[split])
+    for k in range(0, n, batch_size):
+        idx = np.arange(k, min(n, k + batch_size))
+        b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
+        out = model.generate(row_images(b), b["prompt"], max_new_tokens)
+        for i, text in zip(idx, model.texts(out)):
+            objs = data.shapes[split].scene(i)
+            t, s, g = object_match(parse_caption(text), objs)
+            tp, n_said, n_true, exact = tp + t, n_said + s, n_true + g, exact + (text == caption(objs))
+    p, r = tp / max(1, n_said), tp / max(1, n_true)
+    return {"precision": p, "recall": r, "f1": f1(p, r), "exact": exact / n}
 
 
-if __name__ == "__main__":
-    from config import cli, usage
-    cli(main)
+@torch.no_grad()
+def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
+    """Accuracy on the caption's attribute words (shapes, colours, sizes): teacher-forced for the
+    prefix-LM, BERT-masked for the mlm objective. blank=True shows the empty canvas instead: what
+    the language prior alone gets right."""
+    is_attr = word_mask(model.tok, {*SHAPES, *COLOUR_NAMES, *SIZES}, device)
+    right = total = 0
+    n = len(data.shapes[split])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for k in range(0, n, batch_size):
+            idx = np.arange(k, min(n, k + batch_size))
+            pairs = [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx]
+            b = data.make_batch(split, idx, pairs, device)
+            images = blank_like(b["images"]) if blank else b["images"]
+            prompt, answer = b["prompt"], b["answer"]
+            if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
+                inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
+                pred = model.fill(images, prompt, inputs, b["image_index"]).argmax(-1)
+            else:
+                pred = model.answer_logits(images, prompt, answer, b["image_index"]).argmax(-1)
+            sel = is_attr[answer]
+            right += ((pred == answer) & sel).sum().item()
+            total += sel.sum().item()
+    return right / max(1, total)
+
+
+@torch.no_grad()
+def folder_scores(model, data, device, n=200):
+    """A user's folder: greedy answers to the first n held-out images' texts against theirs ->
+    exact-match accuracy of captions and of answers."""
+    rows, pairs = [], []
+    for i, r in enumerate(data.records["val"][:n]):
+        rows += [i] * len(data.texts(r))
+        pairs += data.texts(r)
+    said = []
+    for k in range(0, len(pairs), 256):
+        b = data.make_batch("val", np.array(rows[k:k + 256]), [(p, "") for p, _ in pairs[k:k + 256]], device)
+        said += model.texts(model.generate(row_images(b), b["prompt"], max_new_tokens=40))
+    right = [s.strip(" .").lower() == a.strip(" .").lower() for s, (_, a) in zip(said, pairs)]
+    is_caption = [p == CAPTION_PROMPT for p, _ in pairs]
+    out = {}
+    for name, keep in (("caption", is_caption), ("answer", [not c for c in is_caption])):
+        if any(keep):
+            out[f"val_{name}_exact"] = float(np.mean([r for r, k in zip(right, keep) if k]))
+    return out
+
+
+def evaluate(model, data, device):
+    """Questions and captions on held-out val (biased) and ood (bias broken) scenes, and how much
+    the model uses its eyes: attribute words with the real image vs a blank one. A user's folder:
+    folder_scores."""
+    model.eval()
+    out = {}
+    if model.cfg.dataset == "folder" and model.cfg.objective == "prefix":
+        out = folder_scores(model, data, device)
+    for split in ("val", "ood") if model.cfg.dataset == "shapes" else ():
+        if model.cfg.objective == "prefix":
+            for k, v in answer_questions(model, data, split, device).items():
+                out[f"{split}_q_{k}"] = v
+            for k, v in caption_scores(model, data, split, device).items():
+                out[f"{split}_caption_{k}"] = v
+        out[f"{split}_attr_acc_image"] = attribute_accuracy(model, data, split, device)
+        out[f"{split}_attr_acc_blank"] = attribute_accuracy(model, data, split, device, blank=True)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def monitor(model, data, device, n_scenes=200):
+    """Sight, cheaply, at every evaluation: the existence question of each of the first n_scenes `ood`
+    scenes (balanced yes/no; the world's bias cannot help there) -> {'ood_exist': accuracy}."""
+    if model.cfg.objective != "prefix" or model.cfg.dataset == "folder":
+        return {}
+    model.eval()
+    acc = answer_questions(model, data, "ood", device, n_scenes=n_scenes, kinds=("exist",))["all"]
+    model.train()
+    return {"ood_exist": acc}

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import causes
-import measures
 import vlm
 from checkpoints import load_model
 from data.shapes import PARTNER, render_scene
@@ -99,7 +98,7 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     torch.set_num_threads(1)  # as the subprocess ran
     try:
         rates = causes.partner_yes(model, data, 6, "cpu")
-        sight = measures.answer_questions(model, data, "ood", "cpu", kinds=("exist",))["all"]
+        sight = vlm.answer_questions(model, data, "ood", "cpu", kinds=("exist",))["all"]
     finally:
         torch.set_num_threads(threads)
     cell = grid["0.9,0.3"][0]
@@ -118,11 +117,11 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
 
 
 def test_map_table_gives_mean_and_spread_over_runs():
-    keys = [key for key, _, _, _ in measures.MAP_COLUMNS]
+    keys = [key for key, _, _, _ in causes.MAP_COLUMNS]
     run_a, run_b = dict.fromkeys(keys, 0.5), dict.fromkeys(keys, 0.5)
     run_a.update(ood_exist=0.9, partner_yes=0.30)
     run_b.update(ood_exist=1.0, partner_yes=0.40)
-    lines = measures.map_table({("0.9", "0.2"): [run_a, run_b], ("0", "0"): [run_a]})
+    lines = causes.map_table({("0.9", "0.2"): [run_a, run_b], ("0", "0"): [run_a]})
     assert len(lines) == 4 and lines[2].startswith("| 0 / 0 | 1 | 0.900 | 50.0 |")  # sorted, one run: no ±
     cells = lines[3].split(" | ")
     assert cells[:3] == ["| 0.9 / 0.2", "2", "0.950 ± 0.050"] and cells[6] == "35.0 ± 5.0"

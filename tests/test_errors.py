@@ -23,7 +23,6 @@ import hallucination
 import mae
 import sample
 import train
-import vlm
 from checkpoints import load_checkpoint, lock_out_dir, save_atomic
 from config import parse_overrides
 from tests.conftest import MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, run
@@ -38,11 +37,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_vlm(tmp_path_factory):
-    """A tiny trained VLM run (16 val scenes)."""
-    out = tmp_path_factory.mktemp("trained_vlm")
-    run("train.py", "vlm", *VLM_ARGS, "--batch_size=4", "--max_iters=2", "--eval_iters=1", f"--out_dir={out}")
-    return out
+def trained_vlm(tiny_vlm_ckpt):
+    """A tiny trained VLM run (16 val scenes): its folder."""
+    return tiny_vlm_ckpt.parent
 
 
 def snapshot(path):
@@ -129,7 +126,7 @@ def png_header(width, height):
 
 
 SCRIPTS = {"train": train.main, "sample": sample.main, "bench": bench.main,
-           "hallucination": hallucination.main, "vlm": vlm.main, "images": data.images.main}
+           "hallucination": hallucination.main, "images": data.images.main}
 TAKES_OUT_DIR = ("train", "sample", "hallucination")
 T = ["mae", *MAE_ARGS]  # a valid tiny MAE run, which each row breaks in one way
 M = ["mlm", *MLM_ARGS, "--batch_size=4", "--eval_iters=1"]
@@ -225,11 +222,11 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("hallucination", "empty", [*CKPTS, "--caption_tokens=200"], "caption_tokens=200"),
     ("hallucination", "empty", [*CKPTS, "--n_scenes=100"],
      "n_scenes=100: the biased model's val split has 16"),
-    ("vlm", "empty", ["{vlm}", "{vlm}"], "give it a .png name"),
-    ("vlm", "empty", ["{vlm}", "curves.txt"], "give it a .png name"),
-    ("vlm", "empty", ["{vlm}", "/nonexistent/curves.png"], "there is no folder /nonexistent"),
-    ("vlm", "empty", ["{vlm}"], "give the run folders and then"),
-    ("vlm", "empty", ["/nonexistent", "curves.png"], "no checkpoint"),
+    ("bench", "empty", ["sight", "{vlm}", "{vlm}"], "give it a .png name"),
+    ("bench", "empty", ["sight", "{vlm}", "curves.txt"], "give it a .png name"),
+    ("bench", "empty", ["sight", "{vlm}", "/nonexistent/curves.png"], "there is no folder /nonexistent"),
+    ("bench", "empty", ["sight", "{vlm}"], "give the run folders and then"),
+    ("bench", "empty", ["sight", "/nonexistent", "curves.png"], "no checkpoint"),
     ("images", "empty", ["{imgs}"], "is a folder"),
 ]
 

@@ -121,7 +121,7 @@ def test_ideas_never_import_scripts():
                 assert imported.split(".")[0] not in scripts or allowed, (name, imported)
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "vlm.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
 def test_no_arguments_print_usage_and_exit_2_help_exits_0(script):
     p = run(script, check=False)
     assert p.returncode == 2 and "usage" in p.stderr and p.stdout == ""

@@ -1,5 +1,6 @@
-"""measures.py and the VLM's own evaluation, checked on hand-built cases: an Oracle (tests/oracle.py)
-answers by a rule the test writes, so each figure's right value follows from the scenes alone."""
+"""measures.py (POPE, CHAIR) and the VLM's own evaluation (vlm.evaluate), checked on hand-built cases:
+an Oracle (tests/oracle.py) answers by a rule the test writes, so each figure's right value follows
+from the scenes alone."""
 import json
 import types
 
@@ -30,7 +31,7 @@ def test_question_accuracy_counts_right_answers_per_kind(world):
 
     def miscounts(objs, prompt, truth):  # right about everything but counting
         return "nine" if prompt.startswith("how many") else truth
-    acc = M.answer_questions(Oracle(data, miscounts), data, "ood", "cpu", batch_size=16)
+    acc = vlm.answer_questions(Oracle(data, miscounts), data, "ood", "cpu", batch_size=16)
     kinds = [k for i in range(len(data.shapes["ood"]))
              for k, _, _ in questions(data.world, "ood", i, data.shapes["ood"].scene(i))]
     n_nine = sum(a == "nine" for i in range(len(data.shapes["ood"]))
@@ -39,16 +40,16 @@ def test_question_accuracy_counts_right_answers_per_kind(world):
     assert acc == {**{k: (0.0 if k == "count" else 1.0) for k in set(kinds)},
                    "all": pytest.approx(1 - kinds.count("count") / len(kinds))}
     yes_sayer = Oracle(data, lambda objs, prompt, truth: "yes")
-    exist = M.answer_questions(yes_sayer, data, "ood", "cpu", n_scenes=30, kinds=("exist",))
+    exist = vlm.answer_questions(yes_sayer, data, "ood", "cpu", n_scenes=30, kinds=("exist",))
     truths = [questions(data.world, "ood", i, data.shapes["ood"].scene(i))[0][2] for i in range(30)]
     assert exist == {"exist": truths.count("yes") / 30, "all": truths.count("yes") / 30}
-    assert M.monitor(yes_sayer, data, "cpu", n_scenes=30) == {"ood_exist": truths.count("yes") / 30}
+    assert vlm.monitor(yes_sayer, data, "cpu", n_scenes=30) == {"ood_exist": truths.count("yes") / 30}
 
 
 def test_caption_scores_by_hand(world):
     data = world
     first_only = Oracle(data, lambda objs, prompt, truth: caption(objs[:1]))  # names the first object alone
-    s = M.caption_scores(first_only, data, "val", "cpu", batch_size=16)
+    s = vlm.caption_scores(first_only, data, "val", "cpu", batch_size=16)
     scenes = [data.shapes["val"].scene(i) for i in range(len(data.shapes["val"]))]
     n_objects = sum(len(o) for o in scenes)
     assert s["precision"] == 1.0 and s["recall"] == pytest.approx(len(scenes) / n_objects)
@@ -59,7 +60,7 @@ def test_caption_scores_by_hand(world):
         extra = objs[:1].copy()
         extra[0, 0] = partner[int(objs[0, 0])]
         return caption(np.concatenate([objs, extra]))
-    s = M.caption_scores(Oracle(data, adds_a_partner), data, "val", "cpu")
+    s = vlm.caption_scores(Oracle(data, adds_a_partner), data, "val", "cpu")
     # the added object, said last, is never right: each object of the scene is matched by its own words
     # first; so precision = objects / (objects + scenes)
     assert s["recall"] == 1.0 and s["exact"] == 0.0
@@ -97,8 +98,8 @@ class Attributes:
 def test_attribute_accuracy_reads_the_image_or_the_blank_canvas(world):
     data = world
     stand_in = Attributes(data)
-    assert M.attribute_accuracy(stand_in, data, "val", "cpu") == 1.0
-    assert M.attribute_accuracy(stand_in, data, "val", "cpu", blank=True) == 0.0
+    assert vlm.attribute_accuracy(stand_in, data, "val", "cpu") == 1.0
+    assert vlm.attribute_accuracy(stand_in, data, "val", "cpu", blank=True) == 0.0
     # the mlm objective: the attribute words, and only they, are masked; the same counts
     mlm_stand_in = Attributes(data, "mlm")
     calls = []
@@ -110,7 +111,7 @@ def test_attribute_accuracy_reads_the_image_or_the_blank_canvas(world):
         calls.append(masked)
         return orig(images, prompt, masked, image_index)
     mlm_stand_in.fill = fill
-    assert M.attribute_accuracy(mlm_stand_in, data, "val", "cpu", batch_size=1000) == 1.0
+    assert vlm.attribute_accuracy(mlm_stand_in, data, "val", "cpu", batch_size=1000) == 1.0
     masked = calls[0] == data.tok.mask_id
     assert torch.equal(masked, torch.isin(mlm_stand_in.truth, stand_in.attr))
 
@@ -120,7 +121,7 @@ def test_evaluate_reports_each_figure_under_its_name(world, monkeypatch):
     oracle = Oracle(data)
     attrs = Attributes(data)
     oracle.answer_logits = attrs.answer_logits
-    out = M.evaluate(oracle, data, "cpu")
+    out = vlm.evaluate(oracle, data, "cpu")
     for split in ("val", "ood"):
         assert out[f"{split}_q_all"] == 1.0 and out[f"{split}_caption_f1"] == 1.0
         assert out[f"{split}_caption_exact"] == 1.0
