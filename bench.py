@@ -52,7 +52,7 @@ def time_steps(model, make_batch, steps, forward=None):
 
 
 def train_row(args):
-    """In a fresh process: (items/s, peak memory MiB) of training one config."""
+    """In a fresh process: (items/s, peak memory MiB, what an item is) of training one config."""
     idea, cfg, batch_size, steps, device = args
     torch.manual_seed(0)
     module = __import__(idea)
@@ -60,7 +60,7 @@ def train_row(args):
     data = module.Data(cfg, seed=TrainConfig.seed, verbose=False)  # train.py's data and cache
     dt = time_steps(model, partial(data.batch, "train", batch_size=batch_size, device=device), steps)
     items = data.items(data.batch("train", 0, batch_size, device))
-    return items / dt, peak_memory_mib(device.split(":")[0])
+    return items / dt, peak_memory_mib(device.split(":")[0]), data.unit
 
 
 def in_fresh_process(fn, args):
@@ -75,10 +75,11 @@ def train_rows(idea, rows, bc, device):
     bs = module.train_defaults["batch_size"]
     print(f"device {device} ({device_name(device)}), batch {bs}, "
           f"{torch.get_num_threads()} threads, {bc.steps} steps per row\n")
-    print(f"{'config':<44}{'train ' + module.Data.unit + '/s':>16}{'peak memory':>14}")
     speeds = []
     for name, cfg in rows:
-        speed, peak = in_fresh_process(train_row, (idea, cfg, bs, bc.steps, device))
+        speed, peak, unit = in_fresh_process(train_row, (idea, cfg, bs, bc.steps, device))
+        if not speeds:
+            print(f"{'config':<44}{'train ' + unit + '/s':>16}{'peak memory':>14}")
         print(f"{name:<44}{speed:>16,.0f}{fmt_mib(peak):>14}")
         speeds.append(speed)
     return speeds[0]

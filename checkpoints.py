@@ -46,6 +46,19 @@ def load_checkpoint(path, idea):
     return ckpt
 
 
+def load_encoder(vit, path, flag):
+    """Copy the encoder of an MAE checkpoint written by `train.py mae` into a ViT (mae.ViTEncoder): a
+    tower that starts from what the MAE learned. flag: the option that named path, for the error."""
+    weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
+               if k.startswith("encoder.")}
+    for k, v in vit.state_dict().items():
+        if k not in weights or weights[k].shape != v.shape:
+            got = tuple(weights[k].shape) if k in weights else "nothing"
+            raise UserError(f"{flag}={path}: encoder.{k} is {got} there, {tuple(v.shape)} here; match "
+                            f"img_size, patch_size and vision_n_layer/n_head/n_embd to the MAE's")
+    vit.load_state_dict(weights)
+
+
 def without_init(cfg):
     """The config with every init_* key (where training started from) emptied: a checkpoint's weights
     replace them, so loading or resuming never needs those files again."""

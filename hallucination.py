@@ -22,7 +22,7 @@ from checkpoints import load_checkpoint, load_model
 from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data.captioned import read_folder, read_pope_file
-from data.pairs import CAPTION_PROMPT, load_tokenizer, row_images
+from data.pairs import CAPTION_PROMPT, row_images, shapes_tokenizer
 from data.shapes import SHAPES, caption
 from decoding import METHODS, decode
 from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
@@ -343,7 +343,7 @@ def check_study(sc, out_dir):
         n_eval = study_n_eval(path, out_dir, name)
         if sc.n_scenes > n_eval:
             raise UserError(f"n_scenes={sc.n_scenes}: the {name} model's val split has {n_eval} scenes")
-    prompt = len(load_tokenizer().encode(" " + CAPTION_PROMPT))
+    prompt = len(shapes_tokenizer().encode(" " + CAPTION_PROMPT))
     if prompt + sc.caption_tokens > vlm.MAX_TEXT:
         raise UserError(f"caption_tokens={sc.caption_tokens}: the model reads at most {vlm.MAX_TEXT} text "
                         f"tokens, {prompt} of them the caption prompt; "

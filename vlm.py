@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, load_encoder
 from common import UserError, at_least, divisible, f1, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
-from data.pairs import CAPTION_PROMPT, blank_like, length_groups, load_tokenizer, pairs, row_images
+from data.captioned import FolderPairs, folder_tokenizer
+from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, row_images, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
 from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
@@ -137,7 +138,7 @@ class VLM(nn.Module):
     def __init__(self, cfg, tokenizer=None):
         super().__init__()
         self.cfg = cfg
-        self.tok = tokenizer or load_tokenizer(cfg=cfg)
+        self.tok = tokenizer or load_tokenizer(cfg)
         V, D = self.tok.vocab_size, cfg.n_embd
         self.vision = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.vision_n_layer, cfg.vision_n_head,
                                  cfg.vision_n_embd, cfg.mlp_ratio)
@@ -162,21 +163,8 @@ class VLM(nn.Module):
             self.mae = MAE(mae_config(cfg))
             del self.mae.encoder
         if cfg.init_vision not in ("", "none", "auto"):  # train.py resolves auto before it builds us
-            self.load_vision(cfg.init_vision)
+            load_encoder(self.vision, cfg.init_vision, "--init_vision")
         self.vision.requires_grad_(not cfg.freeze_vision)
-
-    def load_vision(self, path):
-        """Copy the encoder of an MAE checkpoint written by `train.py mae` into the vision tower."""
-        weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
-                   if k.startswith("encoder.")}
-        own = self.vision.state_dict()
-        for k, v in own.items():
-            if k not in weights or weights[k].shape != v.shape:
-                got = tuple(weights[k].shape) if k in weights else "nothing"
-                raise UserError(f"--init_vision={path}: encoder.{k} is {got} there, {tuple(v.shape)} here; "
-                                f"match img_size, patch_size and vision_n_layer/n_head/n_embd to the "
-                                f"MAE's")
-        self.vision.load_state_dict(weights)
 
     def image_tokens(self, images):
         """(B, 3, H, W) in [-1, 1] -> (B, 1 + L/merge^2, D): the cls token (a global summary, which
@@ -351,8 +339,19 @@ def cat_states(a, b):
             "pos": torch.cat([a["pos"], b["pos"]])}
 
 
+def Data(cfg, seed=0, verbose=True):
+    """train.py's face: the VLM's image-text pairs, the shapes world's or a user's folder's."""
+    return (FolderPairs if cfg.dataset == "folder" else ShapesPairs)(cfg, seed, verbose)
+
+
+def load_tokenizer(cfg, verbose=False):
+    """The words a VLM of cfg reads: the shapes world's BPE, or the BPE of the folder's own texts."""
+    if cfg.dataset == "folder":
+        return folder_tokenizer(cfg.data_path, verbose=verbose)
+    return shapes_tokenizer(verbose)
+
+
 Model = VLM
-Data = pairs  # the shapes world's images with captions and questions, or a user's folder (data/)
 
 
 def answer_positions(x, A):

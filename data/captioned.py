@@ -16,14 +16,12 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, check_writable
-from config import cli, config_help, parse_overrides, usage
+from common import UserError
 from data import checked_cache, write_manifest
 from data.pairs import CAPTION_PROMPT, Pairs
 from data.shapes import CACHE_DIR
@@ -284,59 +282,3 @@ class FolderPairs(Pairs):
             pairs += texts
             rows += [i] * k
         return np.array(rows), pairs
-
-
-# ---------------------------------------------------------------------------------------------
-# The shapes world written out as a folder: what a user's data looks like, and a check of the path
-
-@dataclass
-class ExportConfig:
-    n_train: int = 20000         # training scenes, as the built-in VLM reads
-    n_val: int = 500             # held-out scenes
-    cooccur: float = 0.5         # the world's bias (data/shapes.py)
-    skew: float = 0.5            # how unequal the shapes' frequencies are; 0 = uniform
-    img_size: int = 64           # pixels a side
-    seed: int = 1337             # train.py's default seed: the same scenes the built-in path trains on
-
-
-def export(folder, ec, verbose=True):
-    """Every scene as a PNG under folder/{train,val}/, and metadata.jsonl: its caption, the shapes
-    world's questions (which shapes, "is there a ...?" about every shape, colour, position, shape,
-    count) and its objects."""
-    from PIL import Image
-    from data.pairs import SHAPES_PROMPT
-    from data.shapes import (SHAPES, World, caption, exist_question, join_words, questions, render,
-                             sample_scene)
-    world = World(img_size=ec.img_size, seed=ec.seed, cooccur=ec.cooccur, skew=ec.skew)
-    lines = []
-    for split, n in (("train", ec.n_train), ("val", ec.n_val)):
-        (Path(folder) / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            objs = sample_scene(world, split, i)
-            name = f"{split}/{i:05d}.png"
-            Image.fromarray(render(world, objs)).save(Path(folder) / name)
-            present = sorted(set(objs[:, 0].tolist()))
-            qa = [(SHAPES_PROMPT, join_words([SHAPES[s] for s in present]))]
-            qa += [(exist_question(s), "yes" if s in present else "no") for s in range(len(SHAPES))]
-            qa += [(q, a) for kind, q, a in questions(world, split, i, objs) if kind != "exist"]
-            lines.append({"file_name": name, "caption": caption(objs), "split": split,
-                          "qa": [{"q": q, "a": a} for q, a in qa], "objects": [SHAPES[s] for s in present]})
-            if verbose and (i + 1) % 5000 == 0:
-                print(f"exported {split}: {i + 1}/{n}", flush=True)
-    (Path(folder) / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-
-
-def main(argv):
-    """python -m data.captioned DIR [--key=value ...]: the shapes world written out as a user's folder."""
-    if not argv or argv[0].startswith("-"):
-        return usage("usage: python -m data.captioned DIR [--n_train=N --n_val=N --cooccur=C ...]   (writes "
-                     "the shapes world as a folder)\n" + config_help(ExportConfig), argv)
-    ec = ExportConfig(**parse_overrides(argv[1:], ExportConfig))
-    check_writable(argv[0])
-    export(argv[0], ec)
-    print(f"wrote {ec.n_train + ec.n_val} images and metadata.jsonl to {argv[0]}")
-    return 0
-
-
-if __name__ == "__main__":
-    cli(main)

@@ -8,20 +8,15 @@ pure function of its position, so the training loop's resume and DDP need no sam
 import numpy as np
 import torch
 
-from data import stream_indices, to_tensor
+from data import stream_indices, text, to_tensor
 from data.shapes import BACKGROUND, SHAPES, ShapesSplit, World, caption, exist_question, join_words, questions
 
 CAPTION_PROMPT = "describe the image."
 SHAPES_PROMPT = "which shapes are there?"
 
 
-def load_tokenizer(verbose=False, cfg=None):
-    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached; for a VLM of a
-    user's folder (cfg.dataset == "folder"), the BPE of that folder's words."""
-    if cfg is not None and cfg.dataset == "folder":
-        from data.captioned import folder_tokenizer
-        return folder_tokenizer(cfg.data_path, verbose=verbose)
-    from data import text
+def shapes_tokenizer(verbose=False):
+    """The shapes world's BPE (the one `train.py mlm` uses), prepared once and cached."""
     return text.load(text.prepare("shapes", "bpe", 512, verbose=verbose))[0]
 
 
@@ -80,7 +75,7 @@ class ShapesPairs(Pairs):
         self.cfg, self.seed = cfg, seed
         self.world = World(img_size=cfg.img_size, seed=seed, cooccur=cfg.cooccur, skew=cfg.skew,
                            noise=cfg.noise)
-        self.tok = load_tokenizer(verbose)
+        self.tok = shapes_tokenizer(verbose)
         self.shapes = {s: ShapesSplit(self.world, s, n, verbose=verbose)
                        for s, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("ood", cfg.n_eval))}
 
@@ -132,14 +127,6 @@ class ShapesPairs(Pairs):
               (exist_question(asked), "yes" if asked in present else "no"),
               others[int(rng.integers(0, len(others)))][1:]]
         return [qs[j] for j in rng.permutation(3)]
-
-
-def pairs(cfg, seed=0, verbose=True):
-    """The VLM's image-text pairs: the shapes world's, or a user's folder's (--dataset=folder)."""
-    if cfg.dataset == "folder":
-        from data.captioned import FolderPairs
-        return FolderPairs(cfg, seed, verbose)
-    return ShapesPairs(cfg, seed, verbose)
 
 
 def row_images(batch):

@@ -82,6 +82,9 @@ MUTANTS = [
      [CAUSES]),
     ("CHAIR_s counts every caption that names anything", "measures.py", "bad_captions += n_said > tp",
      "bad_captions += n_said >= tp", ["tests/test_hallucination.py"]),
+    ("a lazy import closes a cycle", "data/pairs.py", "def row_images(batch):\n",
+     "def row_images(batch):\n    from data.captioned import FolderPairs  # noqa: F401\n",
+     ["tests/test_house.py::test_the_import_graph_has_no_cycle_and_measures_import_no_idea"]),
 ]
 
 

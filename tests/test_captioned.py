@@ -193,7 +193,7 @@ def test_pope_asks_in_the_folders_own_words():
 
 def test_the_shapes_world_exported_is_the_built_in_world(tmp_path):
     import numpy as np
-    from data.captioned import ExportConfig, export
+    from data.export import ExportConfig, export
     from data.shapes import ShapesSplit
     export(tmp_path / "w", ExportConfig(n_train=12, n_val=3, img_size=32), verbose=False)
     records = read_folder(tmp_path / "w")
