@@ -239,11 +239,11 @@ def vlm_stages(cfg, bc, device):
           f"evaluate() {time.perf_counter() - t0:.0f} s (an untrained model: captions run to 40 tokens)")
 
 
-def study_model_or_untrained(sc, device):
+def study_model_or_untrained(study, device):
     """The trained study model (how often the cut leaves a choice is a property of the model), or an
     untrained one that writes every token -> (model, cfg)."""
     import vlm
-    ckpt = Path(sc.out_dir) / "biased/ckpt.pt"
+    ckpt = Path(study.out_dir) / "biased/ckpt.pt"
     if ckpt.exists():
         _, model, cfg, _ = load_model("vlm", ckpt, device)
         print(f"the study's model, {ckpt}")
@@ -265,8 +265,8 @@ def bench_hallucination(bc):
     import vlm
     from data.shapes import exist_question
     device = pick_device(bc.device)
-    sc = H.StudyConfig()
-    model, cfg = study_model_or_untrained(sc, device)
+    study = H.StudyConfig()
+    model, cfg = study_model_or_untrained(study, device)
     data = vlm.Data(cfg, seed=TrainConfig.seed, verbose=False)
     val = data.shapes["val"]
     n_scenes, n_captions = min(50, len(val)), min(100, len(val))
@@ -277,19 +277,18 @@ def bench_hallucination(bc):
     caps = data.make_batch("val", np.arange(n_captions), [(CAPTION_PROMPT, "")] * n_captions, device)
     print(f"device {device} ({device_name(device)}), "
           f"{torch.get_num_threads()} threads; {len(qs)} adversarial POPE questions and {n_captions} "
-          f"captions "
-          f"({sc.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\nround running "
-          f"every method once, and each ratio taken against greedy within a round\n")
+          f"captions ({study.caption_tokens} tokens at most) a batch; medians of {bc.steps} rounds, each\n"
+          f"round running every method once, and each ratio taken against greedy within a round\n")
     runs = [(name, m, True, nullcontext) for name, m in decoding.METHODS.items()]
     runs.append(("VCD (greedy), every row", decoding.METHODS["VCD (greedy)"], False, nullcontext))
     runs += cure_runs(model, data, device)
-    tasks = ((pope, 3), (caps, sc.caption_tokens))
+    tasks = ((pope, 3), (caps, study.caption_tokens))
 
     def run(method, gate, context, b, n_tokens):
         images, gen = row_images(b), torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with context():
-            n = decoding.decode(model, images, b["prompt"], method, sc, n_tokens, gen, gate)[2]
+            n = decoding.decode(model, images, b["prompt"], method, study, n_tokens, gen, gate)[2]
         return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
 
     read = {}  # the share of rows the second branch reads; this first round is also the warm-up

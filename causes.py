@@ -18,6 +18,7 @@
                                  the partner-yes rate, CHAIR_i and BEAF. Each cell's checkpoint and
                                  figures are kept: a second run resumes where the first stopped.
 """
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -53,7 +54,8 @@ def beaf_edits(shapes_split, n_scenes, seed):
         objs = shapes_split.scene(i)
         shapes = objs[:, 0].tolist()
         alone = [k for k, s in enumerate(shapes) if shapes.count(s) == 1 and len(objs) > 1]
-        partner = [k for k in alone if any(PARTNER[t] == shapes[k] for t in shapes)]
+        expected = {PARTNER[t] for t in shapes}  # the partners the present shapes bring
+        partner = [k for k in alone if shapes[k] in expected]
         other = [k for k in alone if k not in partner]
         for kind, rows in (("partner", partner), ("random", other)):
             if rows:
@@ -75,19 +77,19 @@ def removed_images(world, split, shapes_split, edits):
 
 
 @torch.no_grad()
-def ask(model, data, images, shapes, sc, device, batch_size=200):
+def ask(model, data, images, shapes, study, device, batch_size=200):
     """Greedy answers to "is there a {shape}?" about each image: 'yes', 'no' or None (unparsable)."""
     answers = []
     for k in range(0, len(shapes), batch_size):
         questions = [(exist_question(s), "") for s in shapes[k:k + batch_size]]
         prompt = data.encode([q for q, _ in questions], left_pad=True).to(device)
         imgs = to_tensor(images[k:k + batch_size], device)
-        tokens = decode(model, imgs, prompt, METHODS["greedy"], sc, 3, torch.Generator())[0]
+        tokens = decode(model, imgs, prompt, METHODS["greedy"], study, 3, torch.Generator())[0]
         answers += [parse_yes_no(t) for t in model.texts(tokens)]
     return answers
 
 
-def beaf_answers(model, data, split, edits, sc, device):
+def beaf_answers(model, data, split, edits, study, device):
     """-> one record per edit: the answers about the removed and the kept object, before and after."""
     shapes_split = data.shapes[split]
     before = np.stack([shapes_split.images[e[0]] for e in edits])
@@ -95,7 +97,7 @@ def beaf_answers(model, data, split, edits, sc, device):
     removed = [int(shapes_split.scene(e[0])[e[1], 0]) for e in edits]
     kept = [int(shapes_split.scene(e[0])[e[2], 0]) for e in edits]
     images = np.concatenate([before, after, before, after])
-    a = ask(model, data, images, removed + removed + kept + kept, sc, device)
+    a = ask(model, data, images, removed + removed + kept + kept, study, device)
     E = len(edits)
     return [{"scene": e[0], "kind": e[3], "removed": removed[j], "kept": kept[j], "before": a[j],
              "after": a[E + j], "kept_before": a[2 * E + j], "kept_after": a[3 * E + j]}
@@ -115,7 +117,9 @@ def beaf_measures(records):
 
 def beaf_table(records):
     """{'partner': measures, 'random': measures, 'all': measures}"""
-    out = {kind: beaf_measures([r for r in records if r["kind"] == kind]) for kind in ("partner", "random")}
+    out = {}
+    for kind in ("partner", "random"):
+        out[kind] = beaf_measures([r for r in records if r["kind"] == kind])
     out["all"] = beaf_measures(records)
     return out
 
@@ -127,13 +131,10 @@ def beaf_table(records):
 def answer_states(model, images, prompt):
     """The state at the position that predicts the answer's first token, after the embedding and after
     each block -> (n_layer + 1, B, D)."""
-    empty = prompt[:, :0]
-    x, key_valid, n_prefix = model.sequence(images, prompt, empty)  # (B, S, D)
-    mask = vlm.prefix_lm_mask(key_valid, n_prefix)
-    states = [x[:, -1]]
-    for blk in model.blocks:
-        x = blk(x, attn_mask=mask)
-        states.append(x[:, -1])
+    x, key_valid, n_prefix = model.sequence(images, prompt, prompt[:, :0])  # (B, S, D): no answer yet
+    states = []
+    model.run(x, vlm.prefix_lm_mask(key_valid, n_prefix), states=states)
+    states = [s[:, -1] for s in states]  # (B, D) each: the last position predicts the answer
     return torch.stack(states)  # (L + 1, B, D)
 
 
@@ -248,7 +249,9 @@ def plot_runs_by_sight(ax, cs, grid):
     shape (x), coloured by co-occurrence, so runs that see alike can be compared across priors."""
     colours = pyplot().cm.plasma(np.linspace(0, 0.85, len(cs)))
     for c, colour in zip(cs, colours):
-        runs = [f for (c2, _), fs in grid.items() if c2 == c for f in fs]
+        runs = []
+        for (c2, _), figures in grid.items():
+            runs += figures if c2 == c else []
         sight = [f["ood_exist"] for f in runs]
         ax.scatter(sight, [f["partner_yes"] for f in runs], color=colour, label=f"co-occurrence {c}")
         ax.scatter(sight, [f["random_absent_yes"] for f in runs], color=colour, marker="x")
@@ -266,14 +269,17 @@ def plot_map(cooccur, noise, grid, path):
     fig, axes = pyplot().subplots(1, len(PANELS) + 1, figsize=(4.2 * (len(PANELS) + 1), 3.6))
     plot_runs_by_sight(axes[-1], cs, grid)
     for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
-        runs = [[[f[key] for f in grid.get((c, n), [{key: np.nan}])] for n in ns] for c in cs]
-        m = np.array([[np.mean(v) for v in row] for row in runs])
-        spread = [[np.std(v) for v in row] for row in runs]
+        m, spread, n_runs = np.full((len(cs), len(ns)), np.nan), np.zeros((len(cs), len(ns))), {}
+        for r, c in np.ndindex(m.shape):  # each cell's mean and spread over its runs
+            values = [f[key] for f in grid.get((cs[r], ns[c]), [])]
+            n_runs[r, c] = len(values)
+            if values:
+                m[r, c], spread[r, c] = np.mean(values), np.std(values)
         ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)  # (cooccur, noise)
         for (r, c), v in np.ndenumerate(m):
             if np.isfinite(v):
                 colour = "w" if v < (lo + hi) / 2 else "k"
-                text = f"{v:.2f}" + (f"\n±{spread[r][c]:.2f}" if len(runs[r][c]) > 1 else "")
+                text = f"{v:.2f}" + (f"\n±{spread[r, c]:.2f}" if n_runs[r, c] > 1 else "")
                 ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=8)
         ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
                xlabel="pixel noise", ylabel="co-occurrence", title=title)
@@ -327,21 +333,21 @@ class MapConfig:
             raise UserError(f"--config={self.config}: no such file")
 
 
-def cell_dir(mc, cooccur, noise, seed):
-    return Path(mc.out_dir) / f"cooccur{cooccur}-noise{noise}-seed{seed}"
+def cell_dir(map_cfg, cooccur, noise, seed):
+    return Path(map_cfg.out_dir) / f"cooccur{cooccur}-noise{noise}-seed{seed}"
 
 
-def cells(mc):
+def cells(map_cfg):
     """(cooccur, noise, seed) in the order given, the ones already measured first."""
-    grid = [(c, n, s) for c in mc.cooccur.split(",") for n in mc.noise.split(",") for s in range(mc.seeds)]
-    return sorted(grid, key=lambda cell: not (cell_dir(mc, *cell) / "figures.json").exists())
+    grid = list(itertools.product(map_cfg.cooccur.split(","), map_cfg.noise.split(","), range(map_cfg.seeds)))
+    return sorted(grid, key=lambda cell: not (cell_dir(map_cfg, *cell) / "figures.json").exists())
 
 
-def train_cell(mc, cooccur, noise, seed):
+def train_cell(map_cfg, cooccur, noise, seed):
     """The cell's VLM, trained (or finished) in its folder; the MAE is shared: out_dir/out-mae."""
-    folder = cell_dir(mc, cooccur, noise, seed)
-    args = ["vlm", *([mc.config] if mc.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
-            f"--max_iters={mc.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
+    folder = cell_dir(map_cfg, cooccur, noise, seed)
+    args = ["vlm", *([map_cfg.config] if map_cfg.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
+            f"--max_iters={map_cfg.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
     train_or_finish(folder, args, f"cell cooccur={cooccur} noise={noise} seed={seed}")
     return folder
 
@@ -365,55 +371,61 @@ def partner_yes(model, data, n_scenes, device):
     return float(np.mean([a == "yes" for a in said[0::2]])), float(np.mean([a == "yes" for a in said[1::2]]))
 
 
-def cell_figures(model, data, mc, device):
-    sc = StudyConfig(n_scenes=min(mc.n_scenes, len(data.shapes["val"]) // 2), seeds=1)
+def cell_figures(model, data, map_cfg, device):
+    study = StudyConfig(n_scenes=min(map_cfg.n_scenes, len(data.shapes["val"]) // 2), seeds=1)
     stats = shape_stats(data.shapes["train"])
     gen = torch.Generator().manual_seed(0)
-    pope, _ = pope_run(model, data, "greedy", METHODS["greedy"], sc, 0, stats, gen, device)
+    pope, _ = pope_run(model, data, "greedy", METHODS["greedy"], study, 0, stats, gen, device)
     out = {"ood_exist": answer_questions(model, data, "ood", device, kinds=("exist",))["all"]}
     out.update({k: v for k, v in pope.items() if "prob" not in k and k.endswith(("accuracy", "f1"))})
     out["f1_gap"] = out["pope_random_f1"] - out["pope_adversarial_f1"]
-    out["partner_yes"], out["random_absent_yes"] = partner_yes(model, data, sc.n_scenes, device)
-    out["chair_i"] = chair_run(model, data, METHODS["greedy"], sc, 0, gen, device)["chair_i"]
-    beaf = beaf_table(beaf_answers(model, data, "val", beaf_edits(data.shapes["val"], sc.n_scenes, 0), sc,
-                                   device))
-    out.update({f"beaf_{kind}_{k}": v for kind, m in beaf.items() for k, v in m.items()})
+    out["partner_yes"], out["random_absent_yes"] = partner_yes(model, data, study.n_scenes, device)
+    out["chair_i"] = chair_run(model, data, METHODS["greedy"], study, 0, gen, device)["chair_i"]
+    edits = beaf_edits(data.shapes["val"], study.n_scenes, 0)
+    beaf = beaf_table(beaf_answers(model, data, "val", edits, study, device))
+    for kind, figures in beaf.items():
+        out.update({f"beaf_{kind}_{k}": v for k, v in figures.items()})
     return out
 
 
-def measure_cell(mc, folder, device):
+def measure_cell(map_cfg, folder, device):
     """The cell's figures, from figures.json when it was measured from this very checkpoint."""
     cached = folder / "figures.json"
     stamp = (folder / "ckpt.pt").stat().st_mtime_ns
     if cached.exists():
         saved = json.loads(cached.read_text())
-        if saved.get("ckpt_mtime_ns") == stamp and saved.get("n_scenes") == mc.n_scenes:
+        if saved.get("ckpt_mtime_ns") == stamp and saved.get("n_scenes") == map_cfg.n_scenes:
             return saved["figures"]
     _, model, cfg, ckpt = load_model("vlm", folder / "ckpt.pt", device)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
-    figures = cell_figures(model, data, mc, device)
+    figures = cell_figures(model, data, map_cfg, device)
     tmp = cached.with_suffix(".tmp")
-    saved = {"n_scenes": mc.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}
+    saved = {"n_scenes": map_cfg.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}
     tmp.write_text(json.dumps(saved, indent=1))
     tmp.replace(cached)
     return figures
 
 
-def one_model(mc, device, out_dir):
+def one_model(map_cfg, device, out_dir):
     """BEAF and the layer reading of one VLM, per evaluation seed -> beaf_layers.json, layers.png (mean)."""
-    _, model, cfg, ckpt = load_model("vlm", mc.ckpt, device)
+    _, model, cfg, ckpt = load_model("vlm", map_cfg.ckpt, device)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     beafs, reports = [], []
-    for seed in range(mc.seeds):
-        edits = beaf_edits(data.shapes["val"], mc.n_scenes, seed)
+    for seed in range(map_cfg.seeds):
+        edits = beaf_edits(data.shapes["val"], map_cfg.n_scenes, seed)
         beafs.append(beaf_table(beaf_answers(model, data, "val", edits, StudyConfig(), device)))
         reports.append(layer_report(model, data, device, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "beaf_layers.json").write_text(json.dumps({"beaf": beafs, "layers": reports}, indent=1))
-    plot_layers({k: np.mean([r[k] for r in reports], 0).tolist() for k in reports[0]}, out_dir / "layers.png")
-    for kind, m in beafs[0].items():
-        per_seed = {k: [b[kind][k] for b in beafs] for k in m}  # measure -> one value per seed
-        cells = [f"{k} {np.mean(v):.3f} ± {np.std(v):.3f}" for k, v in per_seed.items()]
+    mean = {}
+    for k in reports[0]:  # each reading's accuracy per layer, averaged over the seeds
+        mean[k] = np.mean([r[k] for r in reports], 0).tolist()
+    plot_layers(mean, out_dir / "layers.png")
+    for kind in beafs[0]:
+        cells = []
+        for k in beafs[0][kind]:  # a measure's mean and spread over the seeds
+            per_seed = [b[kind][k] for b in beafs]
+            cells.append(f"{k} {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f}")
         print(f"BEAF {kind:<8}", " | ".join(cells))
     print(f"wrote beaf_layers.json and layers.png to {out_dir}")
     return 0
@@ -422,23 +434,23 @@ def one_model(mc, device, out_dir):
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(MapConfig), argv)
-    mc = MapConfig(**parse_overrides(argv, MapConfig))
-    device, out_dir = pick_device(mc.device), Path(mc.out_dir)
+    map_cfg = MapConfig(**parse_overrides(argv, MapConfig))
+    device, out_dir = pick_device(map_cfg.device), Path(map_cfg.out_dir)
     check_writable(out_dir)
-    if mc.ckpt:
-        return one_model(mc, device, out_dir)
+    if map_cfg.ckpt:
+        return one_model(map_cfg, device, out_dir)
     grid, t0 = {}, time.time()
-    for cooccur, noise, seed in cells(mc):
-        folder = train_cell(mc, cooccur, noise, seed)
-        f = measure_cell(mc, folder, device)
+    for cooccur, noise, seed in cells(map_cfg):
+        folder = train_cell(map_cfg, cooccur, noise, seed)
+        f = measure_cell(map_cfg, folder, device)
         grid.setdefault((cooccur, noise), []).append(f)
         print(f"cell cooccur={cooccur} noise={noise} seed={seed}: sight {f['ood_exist']:.3f} | POPE F1 "
               f"random {f['pope_random_f1']:.3f} adversarial {f['pope_adversarial_f1']:.3f} | partner "
               f"yes {f['partner_yes']:.3f} vs random {f['random_absent_yes']:.3f}", flush=True)
         # the map so far, after every cell: a long grid stopped midway leaves what it measured
-        (out_dir / "map.json").write_text(json.dumps({"config": asdict(mc), "cells": {
+        (out_dir / "map.json").write_text(json.dumps({"config": asdict(map_cfg), "cells": {
             f"{c},{n}": v for (c, n), v in grid.items()}}, indent=1))
-        plot_map(mc.cooccur, mc.noise, grid, out_dir / "map.png")
+        plot_map(map_cfg.cooccur, map_cfg.noise, grid, out_dir / "map.png")
     print("\n".join(map_table(grid)))
     print(f"wrote map.json and map.png to {out_dir} in {(time.time() - t0) / 60:.1f} min")
     return 0

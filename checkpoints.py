@@ -124,13 +124,13 @@ def lock_out_dir(out_dir, fresh):
     return fd
 
 
-def check_resume_shapes(model, ckpt, mc):
+def check_resume_shapes(model, ckpt, model_cfg):
     """A resume whose config changes a parameter's shape fails here, naming the key and both values."""
     own = model.state_dict()
     old = ckpt["config"]["model"]
     for name, saved in ckpt["model"].items():
         if name in own and own[name].shape != saved.shape:
-            changed = [f"{k}={v} (checkpoint: {old[k]})" for k, v in asdict(mc).items()
+            changed = [f"{k}={v} (checkpoint: {old[k]})" for k, v in asdict(model_cfg).items()
                        if k in old and old[k] != v]
             raise UserError(f"cannot resume: {', '.join(changed) or name} changes the shape of {name} "
                             f"from {tuple(saved.shape)} to {tuple(own[name].shape)}; drop the override "

@@ -64,7 +64,9 @@ def read_config_file(path):
 
 def parse_overrides(args, *config_classes):
     """['cfg.txt', '--lr=3e-4', ...] -> {'lr': 0.0003, ...}, typed by the dataclasses' fields."""
-    types = {f.name: f.type for cls in config_classes for f in dataclasses.fields(cls)}
+    types = {}
+    for cls in config_classes:
+        types.update({f.name: f.type for f in dataclasses.fields(cls)})
     pairs = []
     for arg in args:
         if arg.startswith("--"):

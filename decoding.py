@@ -121,14 +121,14 @@ METHODS = {
 }
 
 
-def mix(method, logits, logits_2, sc, t=0):
+def mix(method, logits, logits_2, study, t=0):
     """The clean and the second branch's logits after t generated tokens -> scores, implausible tokens
     (on the clean) at -inf."""
     if method.mix == "ritual":
-        return ritual_logits(logits, logits_2, sc.kappa, sc.beta)
+        return ritual_logits(logits, logits_2, study.kappa, study.beta)
     if method.mix == "m3id":
-        return m3id_logits(logits, logits_2, t, sc.m3id_lambda, sc.beta)
-    return contrastive_logits(logits, logits_2, sc.alpha, sc.beta)
+        return m3id_logits(logits, logits_2, t, study.m3id_lambda, study.beta)
+    return contrastive_logits(logits, logits_2, study.alpha, study.beta)
 
 
 def branch_draws(n, second, gen):
@@ -141,10 +141,10 @@ def branch_draws(n, second, gen):
     return None
 
 
-def second_images(images, rows, second, draws, sc):
+def second_images(images, rows, second, draws, study):
     """The second branch's images for `rows` (n,) -> (images, image_index or None)."""
     if second == "noised":  # VCD: x_t = a * x_0 + s * eps, eps drawn once per image
-        a, s = noise_coefficients(sc.noise_step)
+        a, s = noise_coefficients(study.noise_step)
         eps = [torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(draws[r]))
                for r in rows.tolist()]
         return a * images[rows] + s * torch.stack(eps).to(images.device), None
@@ -154,7 +154,7 @@ def second_images(images, rows, second, draws, sc):
 
 
 @torch.no_grad()
-def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
+def decode(model, images, prompt, method, study, max_new_tokens, gen, gate=True):
     """One method over a batch -> (tokens (B, T), first-step scores (B, V), rows the second branch read).
 
     Every step is one batched forward over the clean rows and the second branch's rows, each row with
@@ -172,7 +172,7 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
     out, done, first = [], torch.zeros(B, dtype=torch.bool, device=dev), None
     for _ in range(max_new_tokens):
         clean = logits[:B]
-        keep = plausible(clean, sc.beta) if method.cut else None  # (B, V); every two-branch method cuts
+        keep = plausible(clean, study.beta) if method.cut else None  # (B, V); every two-branch method cuts
         scores = clean.masked_fill(~keep, float("-inf")) if method.cut else clean
         if method.second:
             need = ~done & ((keep.sum(-1) > 1) | (not gate))  # (B,)
@@ -181,17 +181,17 @@ def decode(model, images, prompt, method, sc, max_new_tokens, gen, gate=True):
             joining = joining.nonzero()[:, 0]
             if len(joining):  # their answers so far: not done, so no padding
                 answer = torch.stack(out, 1)[joining] if out else prompt[joining, :0]  # (n, t)
-                imgs, index = second_images(images, joining, method.second, draws, sc)
+                imgs, index = second_images(images, joining, method.second, draws, study)
                 logits_2, state_2 = model.start(imgs, prompt[joining], answer, index)
                 rows, state = torch.cat([rows, joining]), vlm.cat_states(state, state_2)
                 logits = torch.cat([logits, logits_2])
             where = torch.zeros(B, dtype=torch.long, device=dev)
             where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits
             r = need.nonzero()[:, 0]
-            scores[r] = mix(method, clean[r], logits[where[r]], sc, len(out))
+            scores[r] = mix(method, clean[r], logits[where[r]], study, len(out))
         if method.mix == "deco":
-            early = model.head(torch.stack([state["layers"][i - 1][:B] for i in window]))  # (W, B, V)
-            scores = deco_logits(clean, early, sc.deco_alpha, sc.deco_top_k, sc.deco_top_p)
+            early = model.head(torch.stack([state["layers"][i][:B, -1] for i in window]))  # (W, B, V)
+            scores = deco_logits(clean, early, study.deco_alpha, study.deco_top_k, study.deco_top_p)
         first = scores if first is None else first
         if method.sample:
             token = (scores.log_softmax(-1) + gumbel_noise(scores, gen)).argmax(-1)  # Gumbel max: T=1

@@ -67,38 +67,39 @@ class StudyConfig:
 # POPE and CHAIR for one method and seed
 
 @torch.no_grad()
-def ask_yes_no(model, qs, data, method, sc, gen, device, batch_size=200):
+def ask_yes_no(model, qs, data, method, study, gen, device, batch_size=200):
     """qs: [(split, image, question)], one split a batch -> (raw texts, first-token scores)."""
     raws, firsts = [], []
     for k in range(0, len(qs), batch_size):
         chunk = qs[k:k + batch_size]
         b = data.make_batch(chunk[0][0], np.array([c[1] for c in chunk]), [(c[2], "") for c in chunk], device)
-        tokens, first, _ = decode(model, row_images(b), b["prompt"], method, sc, 3, gen)
+        tokens, first, _ = decode(model, row_images(b), b["prompt"], method, study, 3, gen)
         raws += model.texts(tokens)
         firsts += list(first)
     return raws, firsts
 
 
-def pope_sets(data, sc, seed, stats):
+def pope_sets(data, study, seed, stats):
     """POPE's three splits made from the val objects, and the user's own question file when given ->
     {set: [(split, image, question, label, question_id)]}, the file's split by split."""
-    sets = {split: [("val", i, data.exist_question(o), label, k) for k, (i, o, label) in
-                    enumerate(pope_questions(data.objects("val"), split, sc.n_scenes, seed, *stats))]
-            for split in POPE_SPLITS}
-    if sc.pope_file:
-        sets["file"] = read_pope_file(sc.pope_file, data.records["train"] + data.records["val"])
+    sets = {}
+    for split in POPE_SPLITS:
+        qs = pope_questions(data.objects("val"), split, study.n_scenes, seed, *stats)
+        sets[split] = [("val", i, data.exist_question(o), label, k) for k, (i, o, label) in enumerate(qs)]
+    if study.pope_file:
+        sets["file"] = read_pope_file(study.pope_file, data.records["train"] + data.records["val"])
     return sets
 
 
-def pope_run(model, data, name, method, sc, seed, stats, gen, device):
+def pope_run(model, data, name, method, study, seed, stats, gen, device):
     """POPE on the three splits (and a question file) -> (flat dict of figures, one record per question)."""
     yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
     out, records = {}, []
-    for split, qs in pope_sets(data, sc, seed, stats).items():
+    for split, qs in pope_sets(data, study, seed, stats).items():
         mine = []
         for part in ("train", "val"):  # a batch reads images of one split
             asked = [q for q in qs if q[0] == part]
-            raws, firsts = ask_yes_no(model, asked, data, method, sc, gen, device)
+            raws, firsts = ask_yes_no(model, asked, data, method, study, gen, device)
             mine += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
                       "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
                       "by_prob": "yes" if s[yes] > s[no] else "no"} for q, raw, s in zip(asked, raws, firsts)]
@@ -114,27 +115,27 @@ def pope_run(model, data, name, method, sc, seed, stats, gen, device):
 
 
 @torch.no_grad()
-def chair_run(model, data, method, sc, seed, gen, device, batch_size=200):
-    """CHAIR on captions of sc.caption_tokens tokens -> flat dict of figures, a few captions kept."""
+def chair_run(model, data, method, study, seed, gen, device, batch_size=200):
+    """CHAIR on captions of study.caption_tokens tokens -> flat dict of figures, a few captions kept."""
     rng = np.random.default_rng([seed, 7])
     pool = np.array([i for i, objs in enumerate(data.objects("val")) if objs is not None])  # annotated
-    scenes = pool[rng.choice(len(pool), size=min(sc.n_captions, len(pool)), replace=False)]
+    scenes = pool[rng.choice(len(pool), size=min(study.n_captions, len(pool)), replace=False)]
     texts = []
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(CAPTION_PROMPT, "")] * len(idx), device)
-        tokens, _, _ = decode(model, row_images(b), b["prompt"], method, sc, sc.caption_tokens, gen)
+        tokens, _, _ = decode(model, row_images(b), b["prompt"], method, study, study.caption_tokens, gen)
         texts += model.texts(tokens)
     out = chair_of(data, "val", scenes, texts)
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
     return out
 
 
-def run_method(model, data, name, method, sc, seed, stats, device):
+def run_method(model, data, name, method, study, seed, stats, device):
     """POPE, then CHAIR, for one method and seed (one random stream for both) -> (figures, records)."""
     gen = torch.Generator().manual_seed(seed)
-    figures, records = pope_run(model, data, name, method, sc, seed, stats, gen, device)
-    figures.update(chair_run(model, data, method, sc, seed, gen, device))
+    figures, records = pope_run(model, data, name, method, study, seed, stats, gen, device)
+    figures.update(chair_run(model, data, method, study, seed, gen, device))
     return figures, records
 
 
@@ -145,11 +146,11 @@ def image_attention(model, images, prompt, answer):
     x, key_valid, n_prefix = model.sequence(images, prompt, answer)
     mask = vlm.prefix_lm_mask(key_valid, n_prefix)  # (B, 1, S, S)
     n_img = x.shape[1] - prompt.shape[1] - answer.shape[1]
-    shares = []
-    for blk in model.blocks:
-        w = blk.attn.weights(blk.norm1(x), mask)  # (B, h, S, S)
+    states, shares = [], []
+    model.run(x, mask, states=states)
+    for blk, block_input in zip(model.blocks, states):
+        w = blk.attn.weights(blk.norm1(block_input), mask)  # (B, h, S, S): the attention blk used
         shares.append(w[..., :n_img].sum(-1).mean(1))  # (B, S)
-        x = blk(x, attn_mask=mask)
     return vlm.answer_positions(torch.stack(shares).mean(0), answer.shape[1])  # (B, A)
 
 
@@ -208,8 +209,10 @@ def mean_std(rows, key):
     return float(v.mean()), float(v.std())
 
 
-COLUMNS = [(f"pope_{s}_{k}", f"{s[:3]} {label}") for s in POPE_SPLITS
-           for k, label in (("accuracy", "acc"), ("f1", "f1"), ("yes_ratio", "yes"))]
+COLUMNS = []  # (key, header): each POPE split's accuracy, F1 and yes ratio, then CHAIR
+for s in POPE_SPLITS:
+    COLUMNS += [(f"pope_{s}_accuracy", f"{s[:3]} acc"), (f"pope_{s}_f1", f"{s[:3]} f1"),
+                (f"pope_{s}_yes_ratio", f"{s[:3]} yes")]
 COLUMNS += [("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("recall", "recall")]
 FILE_COLUMNS = [("pope_file_accuracy", "file acc"), ("pope_file_f1", "file f1"),
                 ("pope_file_rule_accuracy", "file rule acc")]  # --pope_file's questions
@@ -247,14 +250,14 @@ def plot_bars(results, path):
 
 
 @torch.no_grad()
-def greedy_and_vcd_captions(model, data, sc, device, n=400):
+def greedy_and_vcd_captions(model, data, study, device, n=400):
     """The first n val scenes captioned greedily and with VCD -> (batch, greedy texts, VCD texts)."""
     idx = np.arange(min(len(data.shapes["val"]), n))
     b = data.make_batch("val", idx, [(CAPTION_PROMPT, "")] * len(idx), device)
     gen = torch.Generator().manual_seed(0)
     texts = []
     for name in ("greedy", "VCD (greedy)"):
-        tokens = decode(model, row_images(b), b["prompt"], METHODS[name], sc, sc.caption_tokens, gen)[0]
+        tokens = decode(model, row_images(b), b["prompt"], METHODS[name], study, study.caption_tokens, gen)[0]
         texts.append(model.texts(tokens))
     return b, *texts
 
@@ -287,11 +290,11 @@ def attention_plot(model, data, b, greedy, bad, good, path):
     savefig(fig, path)
 
 
-def pictures(model, data, sc, device, out_dir, n=6):
+def pictures(model, data, study, device, out_dir, n=6):
     """Scenes where greedy decoding hallucinates (and correct ones), and the attention of one of each
     -> (files written, captions looked at, how many hallucinate)."""
     val = data.shapes["val"]
-    b, greedy, vcd = greedy_and_vcd_captions(model, data, sc, device)
+    b, greedy, vcd = greedy_and_vcd_captions(model, data, study, device)
     bad = [i for i in range(len(greedy)) if chair([greedy[i]], [val.scene(i)])["chair_s"] > 0]
     good = [i for i in range(len(greedy)) if greedy[i] == caption(val.scene(i))]
     written = []
@@ -327,25 +330,25 @@ def write_pope_files(data, records, folder):
                     f.write(json.dumps(answer) + "\n")  # text: LLaVA's key; answer: POPE's own
 
 
-def check_study(sc, out_dir):
+def check_study(study, out_dir):
     """Every setting checked before any model trains or anything is written."""
     check_writable(out_dir)
-    if sc.data_path:  # a user's folder: read and checked now, and the model must be of it
-        records = read_folder(sc.data_path)
-        if sc.pope_file:
-            read_pope_file(sc.pope_file, records)
-        model_cfg = load_checkpoint(sc.ckpt, "vlm")["config"]["model"] if sc.ckpt else None
-        if model_cfg and Path(model_cfg.get("data_path") or ".").resolve() != Path(sc.data_path).resolve():
-            raise UserError(f"{sc.ckpt} was not trained on {sc.data_path} (its data: "
+    if study.data_path:  # a user's folder: read and checked now, and the model must be of it
+        records = read_folder(study.data_path)
+        if study.pope_file:
+            read_pope_file(study.pope_file, records)
+        model_cfg = load_checkpoint(study.ckpt, "vlm")["config"]["model"] if study.ckpt else None
+        if model_cfg and Path(model_cfg.get("data_path") or ".").resolve() != Path(study.data_path).resolve():
+            raise UserError(f"{study.ckpt} was not trained on {study.data_path} (its data: "
                             f"{model_cfg.get('data_path') or 'the shapes world'}); its words are that data's")
         return
-    for name, path in (("biased", sc.ckpt), ("unbiased", sc.control_ckpt)):
+    for name, path in (("biased", study.ckpt), ("unbiased", study.control_ckpt)):
         n_eval = study_n_eval(path, out_dir, name)
-        if sc.n_scenes > n_eval:
-            raise UserError(f"n_scenes={sc.n_scenes}: the {name} model's val split has {n_eval} scenes")
+        if study.n_scenes > n_eval:
+            raise UserError(f"n_scenes={study.n_scenes}: the {name} model's val split has {n_eval} scenes")
     prompt = len(shapes_tokenizer().encode(" " + CAPTION_PROMPT))
-    if prompt + sc.caption_tokens > vlm.MAX_TEXT:
-        raise UserError(f"caption_tokens={sc.caption_tokens}: the model reads at most {vlm.MAX_TEXT} text "
+    if prompt + study.caption_tokens > vlm.MAX_TEXT:
+        raise UserError(f"caption_tokens={study.caption_tokens}: the model reads at most {vlm.MAX_TEXT} text "
                         f"tokens, {prompt} of them the caption prompt; "
                         f"use --caption_tokens={vlm.MAX_TEXT - prompt} or less")
 
@@ -353,25 +356,25 @@ def check_study(sc, out_dir):
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(StudyConfig), argv)
-    sc = StudyConfig(**parse_overrides(argv, StudyConfig))
-    device, out_dir = pick_device(sc.device), Path(sc.out_dir)
-    check_study(sc, out_dir)
-    model, cfg, ckpt = study_model(sc.ckpt, out_dir, "folder" if sc.data_path else "biased", device,
-                                   sc.data_path)
+    study = StudyConfig(**parse_overrides(argv, StudyConfig))
+    device, out_dir = pick_device(study.device), Path(study.out_dir)
+    check_study(study, out_dir)
+    model, cfg, ckpt = study_model(study.ckpt, out_dir, "folder" if study.data_path else "biased", device,
+                                   study.data_path)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     stats = object_stats(data.objects("train"), len(data.vocab))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(name, model, m) for name, m in METHODS.items()]
-    if not sc.data_path:  # the data-side control: the same recipe on the unbiased world
-        runs.append(("unbiased data, greedy", study_model(sc.control_ckpt, out_dir, "unbiased", device)[0],
+    if not study.data_path:  # the data-side control: the same recipe on the unbiased world
+        runs.append(("unbiased data, greedy", study_model(study.control_ckpt, out_dir, "unbiased", device)[0],
                      METHODS["greedy"]))
     results, records, timing = {}, [], {}
     t_start = time.time()
     for name, m_model, method in runs:
         t0 = time.time()
         results[name] = []
-        for seed in range(sc.seeds):
-            figures, recs = run_method(m_model, data, name, method, sc, seed, stats, device)
+        for seed in range(study.seeds):
+            figures, recs = run_method(m_model, data, name, method, study, seed, stats, device)
             results[name].append(figures)
             records += recs
         timing[name] = time.time() - t0
@@ -379,9 +382,9 @@ def main(argv):
         print(f"{name:<30} POPE acc random {100 * mean_std(r, 'pope_random_accuracy')[0]:.1f} "
               f"adversarial F1 {100 * mean_std(r, 'pope_adversarial_f1')[0]:.1f} | CHAIR_i "
               f"{100 * mean_std(r, 'chair_i')[0]:.1f} | {timing[name]:.0f} s", flush=True)
-    print(f"\n{table(results, COLUMNS + (FILE_COLUMNS if sc.pope_file else []))}\n")
+    print(f"\n{table(results, COLUMNS + (FILE_COLUMNS if study.pope_file else []))}\n")
     (out_dir / "results.json").write_text(json.dumps(
-        {"config": asdict(sc), "checkpoint": str(sc.ckpt or out_dir / "biased/ckpt.pt"),
+        {"config": asdict(study), "checkpoint": str(study.ckpt or out_dir / "biased/ckpt.pt"),
          "world": {"cooccur": cfg.cooccur, "skew": cfg.skew}, "methods": results, "seconds": timing,
          "shape_frequency": stats[0].tolist(), "cooccurrence": stats[1].tolist()}, indent=1))
     with open(out_dir / "pope.jsonl", "w") as f:
@@ -390,8 +393,8 @@ def main(argv):
     plot_bars(results, out_dir / "methods.png")
     write_pope_files(data, records, out_dir / "pope")
     written, seen = [], ""
-    if not sc.data_path:  # the pictures read the shapes world's scenes
-        written, n_captions, n_bad = pictures(model, data, sc, device, out_dir)
+    if not study.data_path:  # the pictures read the shapes world's scenes
+        written, n_captions, n_bad = pictures(model, data, study, device, out_dir)
         seen = f"{n_bad} of {n_captions} greedy captions hallucinate; "
     files = ", ".join(["results.json", "pope.jsonl", "pope/", "methods.png", *written])
     print(f"{seen}wrote {files} to {out_dir} in {(time.time() - t_start) / 60:.1f} min")

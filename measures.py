@@ -105,7 +105,9 @@ def chair_words(captions, sets, vocab, synonyms=None):
     mentions = hallucinated = bad_captions = hits = n_objects = 0
     for text, present in zip(captions, sets):
         words = [w.strip(",.;:!?\"'()") for w in text.lower().split()]
-        grams = {" ".join(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
+        grams = set()  # every run of 1 to `longest` words
+        for n in range(1, longest + 1):
+            grams |= {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
         said = {names[g] for g in grams if g in names}
         mentions, hallucinated = mentions + len(said), hallucinated + len(said - present)
         bad_captions += bool(said - present)

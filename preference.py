@@ -96,7 +96,9 @@ def distorted_answers(model, data, scenes, device, noise_step=500, seed=0):
 
 def preference_batch(data, pool, rows, device):
     """Pool rows -> (chosen batch, rejected batch), the same scenes and prompts."""
-    scenes, prompts, good, bad = ([part[j] for j in rows] for part in pool)
+    scenes, prompts, chosen, rejected = pool
+    scenes, prompts = [scenes[j] for j in rows], [prompts[j] for j in rows]
+    good, bad = [chosen[j] for j in rows], [rejected[j] for j in rows]
     return (data.make_batch("train", np.array(scenes), list(zip(prompts, good)), device),
             data.make_batch("train", np.array(scenes), list(zip(prompts, bad)), device))
 

@@ -51,37 +51,37 @@ class SampleConfig:
         pick_device(self.device)
 
 
-def load(idea, sc):
+def load(idea, opts):
     """The run's checkpoint, checked, and out_dir checked writable before any work -> load_model's
     (module, model, cfg, ckpt). The best checkpoint falls back to the latest where it is missing
     (a run stopped before its first evaluation finished writing it)."""
-    out_dir = Path(sc.out_dir or f"out-{idea}")
-    path = out_dir / sc.ckpt
-    if sc.ckpt == "ckpt_best.pt" and not path.exists() and (out_dir / "ckpt.pt").exists():
+    out_dir = Path(opts.out_dir or f"out-{idea}")
+    path = out_dir / opts.ckpt
+    if opts.ckpt == "ckpt_best.pt" and not path.exists() and (out_dir / "ckpt.pt").exists():
         print(f"no {path}; using {out_dir / 'ckpt.pt'}, the latest")
         path = out_dir / "ckpt.pt"
-    loaded = load_model(idea, path, pick_device(sc.device))
+    loaded = load_model(idea, path, pick_device(opts.device))
     check_writable(out_dir)
     return loaded
 
 
 @torch.no_grad()
-def sample_mae(sc):
+def sample_mae(opts):
     from data.images import load_image
     from mae import patchify, unpatchify
-    module, model, cfg, ckpt = load("mae", sc)
+    module, model, cfg, ckpt = load("mae", opts)
     device = next(model.parameters()).device
-    if sc.image:
-        paths = sc.image.split(",")
+    if opts.image:
+        paths = opts.image.split(",")
         images = np.stack([load_image(p, cfg.img_size) for p in paths])
         names = [Path(p).name for p in paths]
     else:
         data = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
-        images = data.images["val"][:sc.n]
+        images = data.images["val"][:opts.n]
         names = [f"val {i}" for i in range(len(images))]
     imgs = to_tensor(images, device)  # (N, 3, H, W)
-    torch.manual_seed(sc.seed)
-    ratio = cfg.mask_ratio if sc.mask_ratio < 0 else sc.mask_ratio
+    torch.manual_seed(opts.seed)
+    ratio = cfg.mask_ratio if opts.mask_ratio < 0 else opts.mask_ratio
     latent, mask, ids_restore = model.encoder(imgs, ratio, cfg.masking)
     pred = model.forward_decoder(latent, ids_restore)  # (N, L, p*p*3)
     loss = model.forward_loss(imgs, pred, mask)  # (N,)
@@ -107,21 +107,21 @@ def sample_mae(sc):
             if r == 0:
                 ax.set_title(title, fontsize=9)
         axes[r, 0].set_ylabel(f"{names[r]}\nloss {loss[r]:.3f}", fontsize=8)
-    out = Path(sc.out_dir or "out-mae") / "sample_mae.png"
+    out = Path(opts.out_dir or "out-mae") / "sample_mae.png"
     savefig(fig, out)
     print(f"wrote {out}")
 
 
 @torch.no_grad()
-def sample_mlm(sc):
+def sample_mlm(opts):
     from mlm import unmask
-    one_of(sc, "method", ("maskgit", "mdlm"))
-    _, model, cfg, _ = load("mlm", sc)
+    one_of(opts, "method", ("maskgit", "mdlm"))
+    _, model, cfg, _ = load("mlm", opts)
     tok, device = model.tok, next(model.parameters()).device
-    if not sc.prompt and not sc.generate:
+    if not opts.prompt and not opts.generate:
         raise UserError('give --prompt="text with [MASK]" and/or --generate')
     # BPE words carry their leading space (" circle"): "a [MASK]" must not leave a lone " " token
-    prompt = sc.prompt if tok.kind == "char" else sc.prompt.replace(" [MASK]", "[MASK]")
+    prompt = opts.prompt if tok.kind == "char" else opts.prompt.replace(" [MASK]", "[MASK]")
     ids = tok.encode(prompt) if prompt else [tok.mask_id] * cfg.block_size
     if len(ids) > cfg.block_size:
         raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {cfg.block_size}")
@@ -129,15 +129,15 @@ def sample_mlm(sc):
 
     def show(x):
         return tok.decode(x[0].tolist()).replace("[MASK]", "░")
-    torch.manual_seed(sc.seed)
-    if not sc.generate:  # one pass: the distribution at every blank
-        probs = torch.softmax(model.logits(ids)[0] / max(sc.temperature, 1e-6), -1)  # (T, V)
+    torch.manual_seed(opts.seed)
+    if not opts.generate:  # one pass: the distribution at every blank
+        probs = torch.softmax(model.logits(ids)[0] / max(opts.temperature, 1e-6), -1)  # (T, V)
         if not (ids == tok.mask_id).any():
             raise UserError("the prompt has no [MASK] to fill")
-        print(f"most likely: {show(show_blanks(tok, ids[0], probs, max(sc.top_k, 5))[None])}")
+        print(f"most likely: {show(show_blanks(tok, ids[0], probs, max(opts.top_k, 5))[None])}")
         return
     print(f"step  0: {show(ids)}")
-    out = unmask(model, ids, sc.steps, sc.method, sc.temperature, sc.top_k,
+    out = unmask(model, ids, opts.steps, opts.method, opts.temperature, opts.top_k,
                  callback=lambda k, x: print(f"step {k:2d}: {show(x)}"))
     print(f"\n{show(out)}")
 
@@ -151,57 +151,58 @@ def show_blanks(tok, ids, probs, k, indent=""):
     return torch.where(ids == tok.mask_id, probs.argmax(-1), ids)
 
 
-def scene_images(sc, cfg, data):
+def scene_images(opts, cfg, data):
     """-> (uint8 images (N, H, W, 3), names, scene indices or None) from --image or --scenes."""
     from data.images import load_image
-    if sc.image:
-        paths = sc.image.split(",")
+    if opts.image:
+        paths = opts.image.split(",")
         return np.stack([load_image(p, cfg.img_size) for p in paths]), [Path(p).name for p in paths], None
     try:
-        idx = [int(i) for i in sc.scenes.split(",")] if sc.scenes else list(range(sc.n))
+        idx = [int(i) for i in opts.scenes.split(",")] if opts.scenes else list(range(opts.n))
     except ValueError:
-        raise UserError(f"--scenes={sc.scenes!r}: expected comma-separated scene numbers") from None
-    if sc.split not in data.splits:
-        raise UserError(f"--split={sc.split}: this model's data has the splits {', '.join(data.splits)}")
-    n = data.n_images(sc.split)
-    if not sc.scenes and sc.n > n:
-        raise UserError(f"--n={sc.n}: the {sc.split} split has {n} scenes")
+        raise UserError(f"--scenes={opts.scenes!r}: expected comma-separated scene numbers") from None
+    if opts.split not in data.splits:
+        raise UserError(f"--split={opts.split}: this model's data has the splits {', '.join(data.splits)}")
+    n = data.n_images(opts.split)
+    if not opts.scenes and opts.n > n:
+        raise UserError(f"--n={opts.n}: the {opts.split} split has {n} scenes")
     if not all(0 <= i < n for i in idx):
-        raise UserError(f"--scenes: the {sc.split} split has scenes 0 to {n - 1}")
-    return np.stack([data.images(sc.split)[i] for i in idx]), [f"{sc.split} {i}" for i in idx], idx
+        raise UserError(f"--scenes: the {opts.split} split has scenes 0 to {n - 1}")
+    return np.stack([data.images(opts.split)[i] for i in idx]), [f"{opts.split} {i}" for i in idx], idx
 
 
 @torch.no_grad()
-def sample_vlm(sc):
+def sample_vlm(opts):
     import vlm
-    module, model, cfg, ckpt = load("vlm", sc)
+    module, model, cfg, ckpt = load("vlm", opts)
     device, tok = next(model.parameters()).device, model.tok
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
-    images, names, idx = scene_images(sc, cfg, data)
+    images, names, idx = scene_images(opts, cfg, data)
     imgs = to_tensor(images, device)
-    prompt = sc.prompt or CAPTION_PROMPT
-    torch.manual_seed(sc.seed)
+    prompt = opts.prompt or CAPTION_PROMPT
+    torch.manual_seed(opts.seed)
     if cfg.objective == "mlm":  # fill the blanks of a caption, given each image
         if "[MASK]" not in prompt:
             raise UserError('an --objective=mlm model fills blanks: --prompt="a large [MASK] circle"')
         ids = data.encode([prompt.replace(" [MASK]", "[MASK]")] * len(names), left_pad=False).to(device)
-        probs = torch.softmax(model.fill(imgs, ids[:, :0], ids) / max(sc.temperature, 1e-6), -1)  # (N, T, V)
+        logits = model.fill(imgs, ids[:, :0], ids)  # (N, T, V)
+        probs = torch.softmax(logits / max(opts.temperature, 1e-6), -1)
         answers = []
         for r, name in enumerate(names):
             print(f"{name}:")
-            filled = show_blanks(tok, ids[r], probs[r], max(sc.top_k, 5), indent="  ")
+            filled = show_blanks(tok, ids[r], probs[r], max(opts.top_k, 5), indent="  ")
             answers.append(tok.decode([t for t in filled.tolist() if t != tok.pad_id]).strip())
             print(f"  most likely: {answers[-1]}")
     else:
         prompt_ids = data.encode([prompt] * len(names), left_pad=True).to(device)
-        out = model.generate(imgs, prompt_ids, 40, sc.temperature, sc.top_k)
+        out = model.generate(imgs, prompt_ids, 40, opts.temperature, opts.top_k)
         answers = model.texts(out)
         for name, a in zip(names, answers):
             print(f"{name}: {a}")
     texts = [f"{name}\nQ: {prompt}\nA: {a}" for name, a in zip(names, answers)]
     if idx is not None:
-        texts = [f"{t}\ntrue: {data.reference(sc.split, i)}" for t, i in zip(texts, idx)]
-    out_path = Path(sc.out_dir or "out-vlm") / "sample_vlm.png"
+        texts = [f"{t}\ntrue: {data.reference(opts.split, i)}" for t, i in zip(texts, idx)]
+    out_path = Path(opts.out_dir or "out-vlm") / "sample_vlm.png"
     draw_grid(images, texts, out_path)
     print(f"wrote {out_path}")
 

@@ -9,7 +9,7 @@ same small face, and the loop calls nothing else:
                       .items(batch) counts what `.unit` names (images, tokens) for throughput
     evaluate(model, data, device) -> dict of figures reported once training is done
     monitor(model, data, device)  (optional) a few cheap figures logged at every evaluation
-    requires(cfg, out_dir)        (optional) runs of other ideas to make first: [(idea, args)]
+    requires(cfg, out_dir)        (optional) -> (cfg, the runs of other ideas to make first [(idea, args)])
 The same loop runs on a laptop CPU, one GPU, or many under torchrun (DDP).
 """
 import dataclasses
@@ -377,7 +377,9 @@ def main(argv):
     pick_device(tc.device)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         check_out_dir(tc.out_dir, fresh=ckpt is None)
-    first = module.requires(mc, tc.out_dir) if hasattr(module, "requires") and ckpt is None else []
+    first = []
+    if hasattr(module, "requires") and ckpt is None:
+        mc, first = module.requires(mc, tc.out_dir)
     for idea, args in first:  # another idea's run this one starts from (the VLM's MAE)
         if "RANK" in os.environ:
             raise UserError(f"{argv[0]} starts from python train.py {idea} {' '.join(args)}: run it first")

@@ -18,7 +18,7 @@ broken, and compares attribute-word accuracy with the real image against a blank
 prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,28 +98,28 @@ train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmu
 
 def requires(cfg, out_dir):
     """--init_vision=auto: the MAE of `train.py mae` (its shapes fitted to this tower) beside out_dir,
-    as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another -> the runs train.py makes
-    first, [(idea, args)], none where a finished one is there; cfg.init_vision becomes its path."""
+    as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another -> (the config with that path
+    as its init_vision, the runs train.py makes first [(idea, args)]: none where a finished one is there)."""
     if cfg.init_vision == "auto" and cfg.vision_n_layer == 0:  # encoder-free: no tower to start
-        cfg.init_vision = "none"
+        return replace(cfg, init_vision="none"), []
     if cfg.init_vision != "auto":
-        return []
-    mc = mae_config(cfg)
-    shapes = {k: getattr(mc, k) for k in ("img_size", "patch_size", "n_layer", "n_head", "n_embd",
+        return cfg, []
+    mae_cfg = mae_config(cfg)
+    shapes = {k: getattr(mae_cfg, k) for k in ("img_size", "patch_size", "n_layer", "n_head", "n_embd",
                                           "mlp_ratio")}
     args = [f"--{k}={v}" for k, v in shapes.items()] + [f"--n_train={cfg.n_train}"]
     args += [f"--max_iters={cfg.mae_max_iters}"] if cfg.mae_max_iters else []
     key = "-".join(str(v) for v in shapes.values())
     for folder in (Path(out_dir).parent / "out-mae", Path(out_dir).parent / f"out-mae-{key}"):
         path = folder / "ckpt.pt"
-        cfg.init_vision = str(path)
+        found = replace(cfg, init_vision=str(path))
         if not path.exists():
-            return [("mae", [*args, f"--out_dir={folder}"])]
+            return found, [("mae", [*args, f"--out_dir={folder}"])]
         ckpt = load_checkpoint(path, "mae")
         if all(ckpt["config"]["model"].get(k) == v for k, v in shapes.items()):
             if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # interrupted: finish it
-                return [("mae", ["--init_from=resume", f"--out_dir={folder}"])]
-            return []
+                return found, [("mae", ["--init_from=resume", f"--out_dir={folder}"])]
+            return found, []
     raise UserError(f"{folder} holds an MAE of other shapes than this tower; move it, or give "
                     f"--init_vision=PATH (or none)")
 
@@ -181,13 +181,16 @@ class VLM(nn.Module):
     def embed(self, ids, pos):
         return self.wte(ids) * self.cfg.n_embd ** 0.5 + self.wpe[pos]  # (B, T, D)
 
-    def run(self, x, attn_mask, caches=None, layers=None):
-        """The fused stack; -> logits (B, T, V). layers, a list: each block's state at the last position
-        (B, D) is appended to it (what DeCo's early exits read)."""
+    def run(self, x, attn_mask, caches=None, states=None):
+        """The fused stack over x (B, T, D) -> logits (B, T, V). states, a list: the stack's input and each
+        block's output (B, T, D) are appended to it, the per-layer states that the logit lens, the layer
+        probes, DeCo's early exits and the attention plot read (states[i] is block i's output)."""
         for i, blk in enumerate(self.blocks):
+            if states is not None:
+                states.append(x)
             x = blk(x, attn_mask=attn_mask, kv_cache=caches[i] if caches is not None else None)
-            if layers is not None:
-                layers.append(x[:, -1])
+        if states is not None:
+            states.append(x)
         return self.head(x)
 
     def head(self, x):
@@ -271,7 +274,10 @@ class VLM(nn.Module):
     def texts(self, out):
         """Generated ids (B, T) -> B strings, end-of-text and padding dropped."""
         drop = (self.tok.eot_id, self.tok.pad_id)
-        return [self.tok.decode([t for t in ids if t not in drop]).strip() for ids in out.tolist()]
+        texts = []
+        for ids in out.tolist():
+            texts.append(self.tok.decode([t for t in ids if t not in drop]).strip())
+        return texts
 
     # -----------------------------------------------------------------------------------------
     # Generation with a KV cache: start() reads the prefix once, step() adds one token per row
@@ -280,7 +286,7 @@ class VLM(nn.Module):
         """Read [image, prompt, answer so far] -> (logits (B, V) for the next answer token, state).
         Each row of the batch has its own cache row, so branches of one decoding method (a clean and
         a noised image, say) run as one batch, and rows can join a batch late (cat_states).
-        layers=True: state["layers"] holds each block's state at the newest position, step by step."""
+        layers=True: state["layers"] holds the per-layer states (run's states), step by step."""
         answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
         x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
         caches = [{} for _ in self.blocks]
@@ -376,9 +382,10 @@ def prefix_lm_mask(key_valid, n_prefix):
 def answer_questions(model, data, split, device, batch_size=256, n_scenes=None, kinds=None):
     """Every question (of `kinds`) of the split's first n_scenes held-out scenes, answered greedily
     -> {kind: accuracy, 'all': accuracy}."""
-    items = [(i, kind, q, a) for i in range(min(n_scenes or 10 ** 9, len(data.shapes[split])))
-             for kind, q, a in questions(data.world, split, i, data.shapes[split].scene(i))
-             if kinds is None or kind in kinds]
+    items = []  # (scene, kind, question, answer)
+    for i in range(min(n_scenes or 10 ** 9, len(data.shapes[split]))):
+        qa = questions(data.world, split, i, data.shapes[split].scene(i))
+        items += [(i, kind, q, a) for kind, q, a in qa if kinds is None or kind in kinds]
     right, total = {}, {}
     for k in range(0, len(items), batch_size):
         chunk = items[k:k + batch_size]

@@ -131,8 +131,10 @@ def read_folder(folder):
 def read_pope_file(path, records):
     """A POPE question file (RUCAIBox/POPE: {question_id, image, text, label} a line) whose images are in
     the folder (by path, or by file name alone) -> [(split, image index, text, label, question_id)]."""
-    found = [(r["file_name"], (s, i)) for s in ("train", "val")
-             for i, r in enumerate(x for x in records if x["split"] == s)]
+    found = []  # (file name, (split, index in that split)) of every image
+    for s in ("train", "val"):
+        names = [r["file_name"] for r in records if r["split"] == s]
+        found += [(name, (s, i)) for i, name in enumerate(names)]
     where = {Path(name).name: place for name, place in reversed(found)}  # a bare name: its first image
     where.update(found)  # a path inside the folder is exact
     if not Path(path).is_file():
@@ -203,7 +205,12 @@ def folder_tokenizer(folder, records=None, verbose=False, cache_dir=CACHE_DIR):
     """A BPE trained on the folder's own captions and answers, cached by their content."""
     from data.bpe import Tokenizer
     records = records or read_folder(folder)
-    text = "\n".join(t for r in records for t in r["captions"] + [w for qa in r["qa"] for w in qa])
+    texts = []
+    for r in records:  # its captions, then each question and answer
+        texts += r["captions"]
+        for qa in r["qa"]:
+            texts += list(qa)
+    text = "\n".join(texts)
     out = Path(cache_dir) / f"folder_bpe_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
     build = partial(build_tokenizer, out, text, 512)
     checked_cache(out / "manifest.json", build, f"the tokenizer of {folder}", verbose)
@@ -235,7 +242,8 @@ class FolderPairs(Pairs):
                             "a LLaVA *.json or COCO captions_*.json")
         self.cfg, self.seed = cfg, seed
         records = read_folder(cfg.data_path)
-        self.records = {s: [r for r in records if r["split"] == s] for s in ("train", "val")}
+        self.records = {"train": [r for r in records if r["split"] == "train"],
+                        "val": [r for r in records if r["split"] == "val"]}
         empty = [s for s in ("train", "val") if not self.records[s]]
         if empty:
             raise UserError(f"{cfg.data_path}: the split fields leave no {empty[0]} images")
@@ -244,7 +252,10 @@ class FolderPairs(Pairs):
                       f"images of {cfg.data_path}", verbose)
         self._images = {s: np.load(out / f"{s}.npy", mmap_mode="r") for s in ("train", "val")}
         self.tok = folder_tokenizer(cfg.data_path, records, verbose, cache_dir)
-        self.vocab = sorted({o for r in records for o in r["objects"] or ()})
+        names = set()
+        for r in records:
+            names.update(r["objects"] or ())
+        self.vocab = sorted(names)
         self.synonyms = read_synonyms(Path(cfg.data_path) / "synonyms.json", self.vocab)
         self.asks = existence_phrasing(records)
 
@@ -253,8 +264,10 @@ class FolderPairs(Pairs):
 
     def objects(self, split):
         """Each image's objects as a set of vocabulary indices, None where the folder names none."""
-        return [None if r["objects"] is None else {self.vocab.index(o) for o in r["objects"]}
-                for r in self.records[split]]
+        out = []
+        for r in self.records[split]:
+            out.append(None if r["objects"] is None else {self.vocab.index(o) for o in r["objects"]})
+        return out
 
     def exist_question(self, obj):
         return self.asks.format(self.vocab[obj])

@@ -65,8 +65,9 @@ def documents(corpus, data_path="", n_scenes=20000):
     if corpus == "shapes":
         from data.shapes import World
         world = World()
-        return {split: [scene_text(world, split, i) for i in range(n)]
-                for split, n in (("train", n_scenes), ("val", max(1, n_scenes // 10)))}
+        n_val = max(1, n_scenes // 10)
+        return {"train": [scene_text(world, "train", i) for i in range(n_scenes)],
+                "val": [scene_text(world, "val", i) for i in range(n_val)]}
     if corpus == "pydoc":
         from pydoc_data.topics import topics
         text = "\n\n".join(topics[k] for k in sorted(topics))

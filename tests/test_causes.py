@@ -181,10 +181,16 @@ def test_answer_states_are_each_blocks_output(tiny):
     states = causes.answer_states(model, images, b["prompt"])
     with torch.no_grad():
         _, state = model.start(images, b["prompt"], layers=True)  # the generation path keeps them too
-        x = model.sequence(images, b["prompt"], b["prompt"][:, :0])[0]
-    assert torch.allclose(states[0], x[:, -1])
-    for layer in range(len(model.blocks)):
-        assert torch.allclose(states[layer + 1], state["layers"][layer], atol=1e-5), layer
+        x, key_valid, n_prefix = model.sequence(images, b["prompt"], b["prompt"][:, :0])
+        mask = vlm.prefix_lm_mask(key_valid, n_prefix)
+        by_hand = [x[:, -1]]  # block by block, written out here
+        for blk in model.blocks:
+            x = blk(x, attn_mask=mask)
+            by_hand.append(x[:, -1])
+    assert states.shape == (len(model.blocks) + 1, 5, model.cfg.n_embd)
+    for layer, expected in enumerate(by_hand):
+        assert torch.allclose(states[layer], expected, atol=1e-5), layer
+        assert torch.allclose(state["layers"][layer][:, -1], expected, atol=1e-5), layer
     assert not torch.allclose(states[1], states[2])
 
 

@@ -74,6 +74,19 @@ def test_the_import_graph_has_no_cycle_and_measures_import_no_idea():
     assert graph["measures"] <= {"common", "data", "data.shapes"}  # POPE and CHAIR count; they train nothing
 
 
+def test_no_comprehension_a_student_must_unfold():
+    """A comprehension has one `for` and holds no other comprehension: two loops are written as two."""
+    comprehensions = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    dense = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, comprehensions):
+                inner = [n for n in ast.walk(node) if n is not node and isinstance(n, comprehensions)]
+                if len(node.generators) > 1 or inner:
+                    dense.append(f"{path.name}:{node.lineno}")
+    assert not dense, dense
+
+
 def test_every_module_imports_without_resource_and_fcntl():
     modules = sorted(MODULES)
     code = ("import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None\n"  # as on Windows

@@ -64,7 +64,9 @@ def test_encoder_free_reads_embedded_patches_and_overfits(tiny):
     _, data = tiny
     torch.manual_seed(0)
     cfg = vlm.Config(**{**VLM_TINY, "vision_n_layer": 0, "n_layer": 3, "init_vision": "auto"})
-    assert vlm.requires(cfg, "out-vlm") == [] and cfg.init_vision == "none"  # no tower: no MAE first
+    resolved, first = vlm.requires(cfg, "out-vlm")
+    assert first == [] and resolved.init_vision == "none"  # no tower: no MAE first
+    assert cfg.init_vision == "auto"  # the given config is left as it was
     model = vlm.VLM(cfg, data.tok)
     assert len(model.vision.blocks) == 0
     b = data.batch("train", 0, 8, "cpu")
