@@ -20,7 +20,7 @@ from checkpoints import load_checkpoint, load_model
 from common import (UserError, at_least, check_writable, choices_text, device_name, fmt_mib, peak_memory_mib,
                     pick_device, pyplot, savefig)
 from config import cli, config_help, parse_overrides, usage
-from data.pairs import CAPTION_PROMPT, length_groups, row_images
+from data.pairs import CAPTION_PROMPT, length_groups
 from train import TrainConfig
 
 
@@ -194,9 +194,10 @@ def bench_vlm(bc):
         b = data.make_batch("val", np.arange(bs), [(CAPTION_PROMPT, "")] * bs, device)
         speed = {}
         for cache in (True, False):
-            model.generate(row_images(b), b["prompt"], 4, use_cache=cache)  # warm-up
+            images, prompt, index = b["images"], b["prompt"], b["image_index"]
+            model.generate(images, prompt, 4, use_cache=cache, image_index=index)  # warm-up
             t0 = time.perf_counter()
-            out = model.generate(row_images(b), b["prompt"], 32, use_cache=cache)
+            out = model.generate(images, prompt, 32, use_cache=cache, image_index=index)
             speed[cache] = out.numel() / (time.perf_counter() - t0)
         print(f"  batch {bs:>2}: KV cache {speed[True]:>8,.0f} tokens/s | "
               f"recomputing {speed[False]:>8,.0f} tokens/s"
@@ -285,10 +286,11 @@ def bench_hallucination(bc):
     tasks = ((pope, 3), (caps, study.caption_tokens))
 
     def run(method, gate, context, b, n_tokens):
-        images, gen = row_images(b), torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with context():
-            n = decoding.decode(model, images, b["prompt"], method, study, n_tokens, gen, gate)[2]
+            n = decoding.decode(model, b["images"], b["prompt"], method, study, n_tokens, gen, gate,
+                                b["image_index"])[2]
         return (time.perf_counter() - t0) / len(b["prompt"]) * 1000, n / len(b["prompt"])
 
     read = {}  # the share of rows the second branch reads; this first round is also the warm-up

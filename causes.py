@@ -33,7 +33,6 @@ from checkpoints import load_model
 from common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
-from data.pairs import row_images
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from decoding import METHODS, decode
 from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
@@ -128,10 +127,11 @@ def beaf_table(records):
 # The layers: logit lens and linear probes at the answer position
 
 @torch.no_grad()
-def answer_states(model, images, prompt):
+def answer_states(model, images, prompt, image_index=None):
     """The state at the position that predicts the answer's first token, after the embedding and after
-    each block -> (n_layer + 1, B, D)."""
-    x, key_valid, n_prefix = model.sequence(images, prompt, prompt[:, :0])  # (B, S, D): no answer yet
+    each block -> (n_layer + 1, B, D). image_index: as in a batch."""
+    no_answer = prompt[:, :0]
+    x, key_valid, n_prefix = model.sequence(model.image_tokens(images, image_index), prompt, no_answer)
     states = []
     model.run(x, vlm.prefix_lm_mask(key_valid, n_prefix), states=states)
     states = [s[:, -1] for s in states]  # (B, D) each: the last position predicts the answer
@@ -195,7 +195,7 @@ def states_of(model, data, split, items, device, batch_size=256):
         chunk = items[k:k + batch_size]
         questions = [(exist_question(c[1]), "") for c in chunk]
         b = data.make_batch(split, np.array([c[0] for c in chunk]), questions, device)
-        out.append(answer_states(model, row_images(b), b["prompt"]).cpu())
+        out.append(answer_states(model, b["images"], b["prompt"], b["image_index"]).cpu())
     return torch.cat(out, dim=1)
 
 

@@ -207,7 +207,8 @@ def textual_directions(model, data, n_scenes, device, seed=0, pca=False):
             scenes += [i, i]
             pairs += [(CAPTION_PROMPT, caption(train.scene(i))), (CAPTION_PROMPT, bad)]
     b = data.make_batch("train", np.array(scenes), pairs, device)
-    x, key_valid, n_prefix = model.sequence(row_images(b), b["prompt"], b["answer"])
+    img = model.image_tokens(b["images"], b["image_index"])
+    x, key_valid, n_prefix = model.sequence(img, b["prompt"], b["answer"])
     last = n_prefix + (b["answer"] != model.tok.pad_id).sum(1) - 1  # (N,): each text's end-of-text
     states = block_outputs(model.blocks, lambda: model.run(x, prefix_lm_mask(key_valid, n_prefix)))
     rows = torch.arange(len(scenes), device=x.device)

@@ -154,8 +154,9 @@ def second_images(images, rows, second, draws, study):
 
 
 @torch.no_grad()
-def decode(model, images, prompt, method, study, max_new_tokens, gen, gate=True):
+def decode(model, images, prompt, method, study, max_new_tokens, gen, gate=True, image_index=None):
     """One method over a batch -> (tokens (B, T), first-step scores (B, V), rows the second branch read).
+    image_index: as in a batch, each row's image (the second branch draws its noise or turn per row).
 
     Every step is one batched forward over the clean rows and the second branch's rows, each row with
     its own KV cache. The second branch can only reorder the tokens that pass the plausibility cut on
@@ -163,6 +164,7 @@ def decode(model, images, prompt, method, study, max_new_tokens, gen, gate=True)
     the second branch only when two or more first pass: it reads the second image, its prompt and
     the tokens so far in one pass (vlm.start) and joins the batch. The tokens are those of running
     both branches for every row from the start (gate=False), which a test checks."""
+    images = images if image_index is None else images[image_index]  # (B, 3, H, W): one a row
     B, dev = images.shape[0], images.device
     # (B, V); rows B.. will be the second branch's; DeCo reads each layer's newest state
     logits, state = model.start(images, prompt, layers=method.mix == "deco")

@@ -22,7 +22,7 @@ from checkpoints import load_checkpoint, load_model
 from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from config import cli, config_help, parse_overrides, usage
 from data.captioned import read_folder, read_pope_file
-from data.pairs import CAPTION_PROMPT, row_images, shapes_tokenizer
+from data.pairs import CAPTION_PROMPT, shapes_tokenizer
 from data.shapes import SHAPES, caption
 from decoding import METHODS, decode
 from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
@@ -73,7 +73,8 @@ def ask_yes_no(model, qs, data, method, study, gen, device, batch_size=200):
     for k in range(0, len(qs), batch_size):
         chunk = qs[k:k + batch_size]
         b = data.make_batch(chunk[0][0], np.array([c[1] for c in chunk]), [(c[2], "") for c in chunk], device)
-        tokens, first, _ = decode(model, row_images(b), b["prompt"], method, study, 3, gen)
+        tokens, first, _ = decode(model, b["images"], b["prompt"], method, study, 3, gen,
+                                  image_index=b["image_index"])
         raws += model.texts(tokens)
         firsts += list(first)
     return raws, firsts
@@ -124,7 +125,8 @@ def chair_run(model, data, method, study, seed, gen, device, batch_size=200):
     for k in range(0, len(scenes), batch_size):
         idx = scenes[k:k + batch_size]
         b = data.make_batch("val", idx, [(CAPTION_PROMPT, "")] * len(idx), device)
-        tokens, _, _ = decode(model, row_images(b), b["prompt"], method, study, study.caption_tokens, gen)
+        tokens, _, _ = decode(model, b["images"], b["prompt"], method, study, study.caption_tokens, gen,
+                              image_index=b["image_index"])
         texts += model.texts(tokens)
     out = chair_of(data, "val", scenes, texts)
     out["captions"] = dict(zip(map(int, scenes[:8]), texts[:8]))
@@ -140,10 +142,10 @@ def run_method(model, data, name, method, study, seed, stats, device):
 
 
 @torch.no_grad()
-def image_attention(model, images, prompt, answer):
+def image_attention(model, images, prompt, answer, image_index=None):
     """For each answer token: the share of attention (mean over layers and heads) that the position
     predicting it pays to the image tokens (mae.Attention.weights, block by block)."""
-    x, key_valid, n_prefix = model.sequence(images, prompt, answer)
+    x, key_valid, n_prefix = model.sequence(model.image_tokens(images, image_index), prompt, answer)
     mask = vlm.prefix_lm_mask(key_valid, n_prefix)  # (B, 1, S, S)
     n_img = x.shape[1] - prompt.shape[1] - answer.shape[1]
     states, shares = [], []
@@ -257,7 +259,8 @@ def greedy_and_vcd_captions(model, data, study, device, n=400):
     gen = torch.Generator().manual_seed(0)
     texts = []
     for name in ("greedy", "VCD (greedy)"):
-        tokens = decode(model, row_images(b), b["prompt"], METHODS[name], study, study.caption_tokens, gen)[0]
+        tokens = decode(model, b["images"], b["prompt"], METHODS[name], study, study.caption_tokens, gen,
+                        image_index=b["image_index"])[0]
         texts.append(model.texts(tokens))
     return b, *texts
 
@@ -278,7 +281,8 @@ def attention_plot(model, data, b, greedy, bad, good, path):
     fig, ax = pyplot().subplots(figsize=(7, 3.5))
     for i, label in ((bad, "hallucinated"), (good, "correct")):
         answer = data.encode([greedy[i]], left_pad=False).to(b["prompt"].device)
-        share = image_attention(model, row_images(b)[i:i + 1], b["prompt"][i:i + 1], answer)[0]
+        row = slice(i, i + 1)
+        share = image_attention(model, b["images"], b["prompt"][row], answer, b["image_index"][row])[0]
         words = [model.tok.token_str(t).strip() for t in answer[0].tolist()]
         ax.plot(share.cpu().numpy(), "o-", label=f"{label} (val {i})")
         for x, (w, y) in enumerate(zip(words, share.tolist())):

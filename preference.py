@@ -25,9 +25,9 @@ from vlm import answer_positions
 LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
 
 
-def answer_logprob(model, images, prompt, answer):
+def answer_logprob(model, images, prompt, answer, image_index=None):
     """log pi(answer | image, prompt), summed over the answer's real tokens -> (B,)."""
-    logits = answer_positions(model.logits(images, prompt, answer), answer.shape[1])  # (B, A, V)
+    logits = answer_positions(model.logits(images, prompt, answer, image_index), answer.shape[1])  # (B, A, V)
     logp = logits.log_softmax(-1).gather(-1, answer[..., None])[..., 0]  # (B, A)
     real = answer != model.tok.pad_id
     return (logp.masked_fill(~real, 0.0)).sum(1)
@@ -104,7 +104,7 @@ def preference_batch(data, pool, rows, device):
 
 
 def batch_logprob(model, b):
-    return answer_logprob(model, row_images(b), b["prompt"], b["answer"])
+    return answer_logprob(model, b["images"], b["prompt"], b["answer"], b["image_index"])
 
 
 def preference_tune(model, data, how, steps, seed, device, n_scenes=400, batch_size=32, lr=1e-4, beta=0.1):

@@ -185,7 +185,7 @@ def sample_vlm(opts):
         if "[MASK]" not in prompt:
             raise UserError('an --objective=mlm model fills blanks: --prompt="a large [MASK] circle"')
         ids = data.encode([prompt.replace(" [MASK]", "[MASK]")] * len(names), left_pad=False).to(device)
-        logits = model.fill(imgs, ids[:, :0], ids)  # (N, T, V)
+        logits = model.logits(imgs, ids[:, :0], ids)[:, -ids.shape[1]:]  # (N, T, V): the text's positions
         probs = torch.softmax(logits / max(opts.temperature, 1e-6), -1)
         answers = []
         for r, name in enumerate(names):

@@ -30,7 +30,7 @@ from checkpoints import load_checkpoint, load_encoder
 from common import UserError, at_least, divisible, f1, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from data.captioned import FolderPairs, folder_tokenizer
-from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, row_images, shapes_tokenizer
+from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
 from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
@@ -166,17 +166,19 @@ class VLM(nn.Module):
             load_encoder(self.vision, cfg.init_vision, "--init_vision")
         self.vision.requires_grad_(not cfg.freeze_vision)
 
-    def image_tokens(self, images):
-        """(B, 3, H, W) in [-1, 1] -> (B, 1 + L/merge^2, D): the cls token (a global summary, which
+    def image_tokens(self, images, image_index=None):
+        """(N, 3, H, W) in [-1, 1] -> (N, 1 + L/merge^2, D): the cls token (a global summary, which
         "is there a ...?" reads far more easily than a search over patches), then the patch tokens,
-        each merge x merge block concatenated into one (pixel shuffle: 4x fewer tokens), projected."""
+        each merge x merge block concatenated into one (pixel shuffle: 4x fewer tokens), projected.
+        image_index (B,): each text row's image, when rows share one (the tower reads it once)."""
         x = self.vision(images)[0]  # (B, 1+L, Dv)
         cls, x = x[:, :1], x[:, 1:]
         B, L, C = x.shape
         g, k = math.isqrt(L), self.cfg.merge
         x = x.view(B, g // k, k, g // k, k, C).permute(0, 1, 3, 2, 4, 5)  # (B, g/k, g/k, k, k, Dv)
         x = x.reshape(B, (g // k) ** 2, k * k * C)  # (B, L', k*k*Dv)
-        return torch.cat([self.global_proj(cls), self.projector(x) + self.image_pos], dim=1)  # (B, 1+L', D)
+        img = torch.cat([self.global_proj(cls), self.projector(x) + self.image_pos], dim=1)  # (N, 1+L', D)
+        return img if image_index is None else img[image_index]  # (B, 1+L', D)
 
     def embed(self, ids, pos):
         return self.wte(ids) * self.cfg.n_embd ** 0.5 + self.wpe[pos]  # (B, T, D)
@@ -200,14 +202,9 @@ class VLM(nn.Module):
         banned = self.special_ids[self.special_ids != self.tok.eot_id]
         return logits.float().index_fill(-1, banned, float("-inf"))
 
-    def sequence(self, images, prompt, answer, image_index=None):
-        """[image, prompt (left-padded), answer (right-padded)] -> x (B, S, D), key_valid (B, S), n_prefix.
-        image_index (B,): which image each text row reads, when rows share one (the ViT sees it once)."""
-        img = self.image_tokens(images)  # (N, L', D)
-        return self.sequence_of(img if image_index is None else img[image_index], prompt, answer)
-
-    def sequence_of(self, img, prompt, answer):
-        """The same from each row's image tokens img (B, L', D)."""
+    def sequence(self, img, prompt, answer):
+        """[each row's image tokens img (B, L', D), prompt (left-padded), answer (right-padded)]
+        -> x (B, S, D), key_valid (B, S), n_prefix."""
         text = torch.cat([prompt, answer], dim=1)  # (B, P+A)
         valid = text != self.tok.pad_id
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # padding does not move the positions
@@ -218,19 +215,13 @@ class VLM(nn.Module):
         return x, key_valid, img.shape[1] + prompt.shape[1]
 
     def logits(self, images, prompt, answer, image_index=None):
-        """Logits at every position with the prefix-LM mask (no cache): the reference that `step` matches."""
-        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
+        """Logits at every position (no cache) -> (B, S, V), with the objective's attention: the
+        prefix-LM mask (the reference that `step` matches; answer_positions picks the answer's
+        predictions), or for mlm everything attending to everything (ViLT; the answer is the last A)."""
+        x, key_valid, n_prefix = self.sequence(self.image_tokens(images, image_index), prompt, answer)
+        if self.cfg.objective == "mlm":
+            return self.run(x, key_valid[:, None, None, :])
         return self.run(x, prefix_lm_mask(key_valid, n_prefix))
-
-    def answer_logits(self, images, prompt, answer, image_index=None):
-        """The prefix-LM's predictions of the answer: position t predicts answer token t -> (B, A, V)."""
-        return answer_positions(self.logits(images, prompt, answer, image_index), answer.shape[1])
-
-    def fill(self, images, prompt, answer, image_index=None):
-        """The mlm objective's predictions at every answer position, everything attending to
-        everything (ViLT) -> (B, A, V)."""
-        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
-        return self.run(x, key_valid[:, None, None, :])[:, n_prefix:]
 
     def forward(self, batch):
         images, prompt, answer, index = (batch[k] for k in ("images", "prompt", "answer", "image_index"))
@@ -238,38 +229,19 @@ class VLM(nn.Module):
             n_regular = self.tok.vocab_size - len(self.tok.special)
             answer, labels = mask_tokens(answer, self.tok.mask_id, n_regular, self.special_ids,
                                          self.cfg.mask_prob)
-            logits = self.fill(images, prompt, answer, index)  # (B, A, V)
+            logits = self.logits(images, prompt, answer, index)[:, -answer.shape[1]:]  # (B, A, V)
         else:  # the position before each answer token predicts it; image and prompt are never targets
-            logits, labels, rows = self.answer_targets(images, prompt, answer, index)  # (1, N, V), (1, N)
+            logits, labels, rows = answer_targets(self, images, prompt, answer, index)  # (1, N, V), (1, N)
         ce, loss, acc = masked_loss(logits, labels)
         if self.cfg.objective == "prefix" and self.cfg.loss_mean == "text":
             # a token mean lets a caption (13 tokens on average) outweigh "yes" (2) six to one: the
             # existence questions, 17% of the texts, got 4% of the gradient. Each text's mean, then theirs
             loss = (ce[0] / torch.bincount(rows)[rows]).sum() / len(prompt)
         if self.cfg.mae_weight:  # the tower also paints back its own masked patches (M3AE, VL-BEiT)
-            loss = loss + self.cfg.mae_weight * self.mae_loss(images)
+            latent, mask, ids_restore = self.vision(images, self.mae.cfg.mask_ratio)  # (N, 1+L/4, Dv)
+            pred = self.mae.forward_decoder(latent, ids_restore)  # (N, L, p*p*3): MAE's own decoder
+            loss = loss + self.cfg.mae_weight * self.mae.forward_loss(images, pred, mask).mean()
         return loss, {"acc": acc}
-
-    def answer_targets(self, images, prompt, answer, index):
-        """The answer tokens' predictions, targets and rows -> (1, N, V), (1, N), (N,). Captions and
-        short questions share a batch: padding each group of rows to its own longest (length_groups)
-        spares the fused stack the padding, about a third of its tokens."""
-        img = self.image_tokens(images)[index]  # (B, L', D): each image read once
-        pad, logits, labels, text_rows = self.tok.pad_id, [], [], []
-        for rows, P, A in length_groups(prompt, answer, pad):
-            a = answer[rows, :A]  # (b, A): right-padded, so the real tokens come first
-            x, key_valid, n_prefix = self.sequence_of(img[rows], prompt[rows, -P:], a)
-            out = answer_positions(self.run(x, prefix_lm_mask(key_valid, n_prefix)), A)  # (b, A, V)
-            logits.append(out[a != pad])
-            labels.append(a[a != pad])
-            text_rows.append(rows[:, None].expand_as(a)[a != pad])
-        return torch.cat(logits)[None], torch.cat(labels)[None], torch.cat(text_rows)
-
-    def mae_loss(self, images):
-        """MAE's masked-patch loss with this tower as the encoder and a small decoder of its own."""
-        latent, mask, ids_restore = self.vision(images, self.mae.cfg.mask_ratio)  # (N, 1+L/4, Dv)
-        pred = self.mae.forward_decoder(latent, ids_restore)  # (N, L, p*p*3)
-        return self.mae.forward_loss(images, pred, mask).mean()
 
     def texts(self, out):
         """Generated ids (B, T) -> B strings, end-of-text and padding dropped."""
@@ -288,7 +260,7 @@ class VLM(nn.Module):
         a noised image, say) run as one batch, and rows can join a batch late (cat_states).
         layers=True: state["layers"] holds the per-layer states (run's states), step by step."""
         answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
-        x, key_valid, n_prefix = self.sequence(images, prompt, answer, image_index)
+        x, key_valid, n_prefix = self.sequence(self.image_tokens(images, image_index), prompt, answer)
         caches = [{} for _ in self.blocks]
         state = {"caches": caches, "layers": [] if layers else None}
         logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches, state["layers"])
@@ -310,18 +282,19 @@ class VLM(nn.Module):
         return self.run(x, state["key_valid"][:, None, None, :], state["caches"], state.get("layers"))[:, -1]
 
     @torch.no_grad()
-    def generate(self, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True):
+    def generate(self, images, prompt, max_new_tokens=40, temperature=0.0, top_k=0, use_cache=True,
+                 image_index=None):
         """Answers for a batch -> (B, <= max_new_tokens) ids, end-of-text and after it as padding.
         temperature 0 is greedy. use_cache=False recomputes the whole sequence each step (the slow
-        reference)."""
-        B = images.shape[0]
+        reference). image_index: as in a batch, each row's image."""
+        B = prompt.shape[0]
         eot, pad = self.tok.eot_id, self.tok.pad_id
-        out = torch.full((B, 0), pad, dtype=torch.long, device=images.device)
-        done = torch.zeros(B, dtype=torch.bool, device=images.device)
+        out = torch.full((B, 0), pad, dtype=torch.long, device=prompt.device)
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         if use_cache:
-            logits, state = self.start(images, prompt)
+            logits, state = self.start(images, prompt, image_index=image_index)
         else:
-            logits = self.logits(images, prompt, out)[:, -1]
+            logits = self.logits(images, prompt, out, image_index)[:, -1]
         for _ in range(max_new_tokens):
             if temperature > 0:
                 probs = F.softmax(filter_logits(logits, temperature, top_k), -1)  # (B, V)
@@ -332,8 +305,27 @@ class VLM(nn.Module):
             done |= token == eot
             if done.all() or out.shape[1] == max_new_tokens:
                 break
-            logits = self.step(state, token) if use_cache else self.logits(images, prompt, out)[:, -1]
+            if use_cache:
+                logits = self.step(state, token)
+            else:
+                logits = self.logits(images, prompt, out, image_index)[:, -1]
         return out
+
+
+def answer_targets(model, images, prompt, answer, index):
+    """The prefix-LM's answer tokens: predictions, targets and rows -> (1, N, V), (1, N), (N,). Captions
+    and short questions share a batch: padding each group of rows to its own longest (length_groups)
+    spares the fused stack the padding, about a third of its tokens."""
+    img = model.image_tokens(images, index)  # (B, L', D): each image read once
+    pad, logits, labels, text_rows = model.tok.pad_id, [], [], []
+    for rows, P, A in length_groups(prompt, answer, pad):
+        a = answer[rows, :A]  # (b, A): right-padded, so the real tokens come first
+        x, key_valid, n_prefix = model.sequence(img[rows], prompt[rows, -P:], a)
+        out = answer_positions(model.run(x, prefix_lm_mask(key_valid, n_prefix)), A)  # (b, A, V)
+        logits.append(out[a != pad])
+        labels.append(a[a != pad])
+        text_rows.append(rows[:, None].expand_as(a)[a != pad])
+    return torch.cat(logits)[None], torch.cat(labels)[None], torch.cat(text_rows)
 
 
 def cat_states(a, b):
@@ -390,7 +382,7 @@ def answer_questions(model, data, split, device, batch_size=256, n_scenes=None, 
     for k in range(0, len(items), batch_size):
         chunk = items[k:k + batch_size]
         b = data.make_batch(split, np.array([c[0] for c in chunk]), [(c[2], c[3]) for c in chunk], device)
-        out = model.generate(row_images(b), b["prompt"], max_new_tokens=6)
+        out = model.generate(b["images"], b["prompt"], 6, image_index=b["image_index"])
         for (_, kind, _, a), said in zip(chunk, model.texts(out)):
             right[kind] = right.get(kind, 0) + (said == a)
             total[kind] = total.get(kind, 0) + 1
@@ -407,7 +399,7 @@ def caption_scores(model, data, split, device, batch_size=250, max_new_tokens=40
     for k in range(0, n, batch_size):
         idx = np.arange(k, min(n, k + batch_size))
         b = data.make_batch(split, idx, [(CAPTION_PROMPT, "")] * len(idx), device)
-        out = model.generate(row_images(b), b["prompt"], max_new_tokens)
+        out = model.generate(b["images"], b["prompt"], max_new_tokens, image_index=b["image_index"])
         for i, text in zip(idx, model.texts(out)):
             objs = data.shapes[split].scene(i)
             t, s, g = object_match(parse_caption(text), objs)
@@ -431,12 +423,13 @@ def attribute_accuracy(model, data, split, device, blank=False, batch_size=250):
             pairs = [(CAPTION_PROMPT, caption(data.shapes[split].scene(i))) for i in idx]
             b = data.make_batch(split, idx, pairs, device)
             images = blank_like(b["images"]) if blank else b["images"]
-            prompt, answer = b["prompt"], b["answer"]
+            prompt, answer, A = b["prompt"], b["answer"], b["answer"].shape[1]
             if model.cfg.objective == "mlm":  # mask exactly the attribute words, so every one is asked
                 inputs = answer.masked_fill(is_attr[answer], model.tok.mask_id)
-                pred = model.fill(images, prompt, inputs, b["image_index"]).argmax(-1)
+                logits = model.logits(images, prompt, inputs, b["image_index"])[:, -A:]  # (B, A, V)
             else:
-                pred = model.answer_logits(images, prompt, answer, b["image_index"]).argmax(-1)
+                logits = answer_positions(model.logits(images, prompt, answer, b["image_index"]), A)
+            pred = logits.argmax(-1)  # (B, A)
             sel = is_attr[answer]
             right += ((pred == answer) & sel).sum().item()
             total += sel.sum().item()
@@ -454,7 +447,8 @@ def folder_scores(model, data, device, n=200):
     said = []
     for k in range(0, len(pairs), 256):
         b = data.make_batch("val", np.array(rows[k:k + 256]), [(p, "") for p, _ in pairs[k:k + 256]], device)
-        said += model.texts(model.generate(row_images(b), b["prompt"], max_new_tokens=40))
+        out = model.generate(b["images"], b["prompt"], 40, image_index=b["image_index"])
+        said += model.texts(out)
     right = [s.strip(" .").lower() == a.strip(" .").lower() for s, (_, a) in zip(said, pairs)]
     is_caption = [p == CAPTION_PROMPT for p, _ in pairs]
     out = {}

@@ -10,6 +10,7 @@ import vlm
 from checkpoints import load_model
 from data.shapes import PARTNER, render_scene
 import hallucination as H
+from data.pairs import row_images
 from data.shapes import SHAPES
 from tests.conftest import VLM_TINY, run, tiny_vlm
 from tests.oracle import Oracle, partner_prior
@@ -58,7 +59,7 @@ def test_beaf_measures_by_hand():
 def test_logit_lens_at_the_last_layer_is_the_models_own_answer(tiny):
     model, data = tiny
     b = data.make_batch("val", np.arange(4), [("is there a star?", "")] * 4, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     states = causes.answer_states(model, images, b["prompt"])
     assert states.shape == (len(model.blocks) + 1, 4, model.cfg.n_embd)
     with torch.no_grad():
@@ -177,11 +178,11 @@ def test_beaf_asks_before_on_the_scene_and_after_on_the_edit(tiny):
 def test_answer_states_are_each_blocks_output(tiny):
     model, data = tiny
     b = data.make_batch("val", np.arange(5), [("is there a star?", "")] * 5, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     states = causes.answer_states(model, images, b["prompt"])
     with torch.no_grad():
         _, state = model.start(images, b["prompt"], layers=True)  # the generation path keeps them too
-        x, key_valid, n_prefix = model.sequence(images, b["prompt"], b["prompt"][:, :0])
+        x, key_valid, n_prefix = model.sequence(model.image_tokens(images), b["prompt"], b["prompt"][:, :0])
         mask = vlm.prefix_lm_mask(key_valid, n_prefix)
         by_hand = [x[:, -1]]  # block by block, written out here
         for blk in model.blocks:

@@ -11,6 +11,7 @@ import hallucination as H
 import measures as M
 import preference
 import vlm
+from data.pairs import row_images
 from data.shapes import PARTNER, SHAPES, exist_question
 from tests.conftest import tiny_vlm
 from tests.oracle import Oracle, asked_shape, partner_prior
@@ -30,10 +31,11 @@ def test_answer_logprob_sums_the_answer_tokens(tiny):
     model, data = tiny
     pairs = [("is there a star?", "yes"), ("describe the image.", "a red circle")]
     b = data.make_batch("val", np.arange(2), pairs, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     with torch.no_grad():
         got = preference.answer_logprob(model, images, b["prompt"], b["answer"])
-        logits = model.answer_logits(images, b["prompt"], b["answer"]).log_softmax(-1)
+        logits = vlm.answer_positions(model.logits(images, b["prompt"], b["answer"]), b["answer"].shape[1])
+        logits = logits.log_softmax(-1)
     for row in range(2):
         ids = [t for t in b["answer"][row].tolist() if t != data.tok.pad_id]
         by_hand = sum(logits[row, j, t].item() for j, t in enumerate(ids))
@@ -67,7 +69,7 @@ def tiny():
 def test_head_scale_gamma_one_is_the_model_and_one_head_scales_alone(tiny):
     model, data = tiny
     b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     every = [(l, h) for l in range(len(model.blocks)) for h in range(model.cfg.n_head)]
     with torch.no_grad():
         plain = model.start(images, b["prompt"])[0]
@@ -109,7 +111,7 @@ def test_vhd_is_zero_for_a_blind_head_and_picks_follow_it(tiny):
 def test_vti_steering_hooks_masked_copies_and_directions(tiny):
     model, data = tiny
     b = data.make_batch("val", np.arange(3), [("is there a star?", "")] * 3, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     gen = torch.Generator().manual_seed(0)
     noise = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1  # no pixel is the background's
     masked = cures.masked_copies(noise, 0.01, gen, model.cfg.patch_size)  # 16 patches: one kept

@@ -9,6 +9,7 @@ import decoding as D
 import hallucination as H
 import measures as M
 import vlm
+from data.pairs import row_images
 from data.shapes import BACKGROUND, PARTNER, SHAPES
 from tests.conftest import tiny_vlm
 
@@ -58,7 +59,7 @@ def test_deco_in_decode_reads_the_layers_of_a_full_pass(tiny):
     import causes
     model, data = tiny
     b = data.make_batch("val", np.arange(6), [("is there a star?", "")] * 6, "cpu")
-    images, sc = vlm.row_images(b), H.StudyConfig()
+    images, sc = row_images(b), H.StudyConfig()
     _, first, _ = D.decode(model, images, b["prompt"], D.METHODS["DeCo (greedy)"], sc, 3, torch.Generator())
     with torch.no_grad():
         states = causes.answer_states(model, images, b["prompt"])  # (L + 1, B, D), without a cache
@@ -139,7 +140,7 @@ def test_gated_batched_branches_give_the_tokens_of_separate_passes(tiny):
     prompts = [(vlm.CAPTION_PROMPT, ""), ("which shapes are there?", "")]
     prompts += [(f"is there a {s}?", "") for s in SHAPES]
     b = data.make_batch("val", np.arange(8), prompts, "cpu")
-    images = vlm.row_images(b)
+    images = row_images(b)
     for name in ("VCD (greedy)", "RITUAL (sampling)", "no-image contrast (sampling)", "M3ID (greedy)"):
         m = D.METHODS[name]
         gated, _, _ = D.decode(model, images, b["prompt"], m, sc, 10, torch.Generator().manual_seed(3))
@@ -212,7 +213,7 @@ def test_image_attention_is_the_share_on_the_image_by_hand(tiny):
             blk.attn.qkv.bias[:2 * C] = 0
     b = data.make_batch("val", np.arange(3), [("is there a star?", "yes"), (vlm.CAPTION_PROMPT, "a red star"),
                                               ("where is the circle?", "top left")], "cpu")
-    share = H.image_attention(model, vlm.row_images(b), b["prompt"], b["answer"])
+    share = H.image_attention(model, row_images(b), b["prompt"], b["answer"])
     n_img = data.image_len()
     n_prompt = (b["prompt"] != data.tok.pad_id).sum(1)
     # the position predicting answer token t sees the image, the real prompt, and answer tokens before t
@@ -269,7 +270,7 @@ def test_mix_is_each_methods_formula_by_hand():
 def test_decode_gives_each_branch_its_own_image(tiny, monkeypatch):
     model, data = tiny
     b = data.make_batch("val", np.arange(4), [("is there a star?", "")] * 4, "cpu")
-    images, sc = vlm.row_images(b), H.StudyConfig()
+    images, sc = row_images(b), H.StudyConfig()
     a, s = D.noise_coefficients(sc.noise_step)
     for name in ("VCD (greedy)", "RITUAL (sampling)", "M3ID (greedy)"):
         seen, start = [], model.start

@@ -87,12 +87,15 @@ class Attributes:
         pred = torch.where(right, answer, (answer + 1) % self.tok.vocab_size)
         return torch.nn.functional.one_hot(pred, self.tok.vocab_size).float()
 
-    def answer_logits(self, images, prompt, answer, image_index):
-        return self.predict(images, answer, image_index)
-
-    def fill(self, images, prompt, masked, image_index):  # the mlm objective: the truth is behind the masks
-        self.masked = masked
-        return self.predict(images, self.truth, image_index)
+    def logits(self, images, prompt, answer, image_index):
+        """(B, A + 1, V): the prefix-LM's answer predictions sit one position before their tokens
+        (vlm.answer_positions), the mlm objective's at the tokens' own, the last A (the truth is the
+        caption behind the masks: `truth`, set by the test)."""
+        if self.cfg.objective == "mlm":
+            pred = self.predict(images, self.truth, image_index)
+            return torch.cat([torch.zeros_like(pred[:, :1]), pred], 1)
+        pred = self.predict(images, answer, image_index)
+        return torch.cat([pred, torch.zeros_like(pred[:, :1])], 1)
 
 
 def test_attribute_accuracy_reads_the_image_or_the_blank_canvas(world):
@@ -103,14 +106,14 @@ def test_attribute_accuracy_reads_the_image_or_the_blank_canvas(world):
     # the mlm objective: the attribute words, and only they, are masked; the same counts
     mlm_stand_in = Attributes(data, "mlm")
     calls = []
-    orig = mlm_stand_in.fill
+    orig = mlm_stand_in.logits
 
-    def fill(images, prompt, masked, image_index):
+    def logits(images, prompt, masked, image_index):
         pairs = [(vlm.CAPTION_PROMPT, caption(data.shapes["val"].scene(i))) for i in range(len(masked))]
         mlm_stand_in.truth = data.make_batch("val", np.arange(len(masked)), pairs, "cpu")["answer"]
         calls.append(masked)
         return orig(images, prompt, masked, image_index)
-    mlm_stand_in.fill = fill
+    mlm_stand_in.logits = logits
     assert vlm.attribute_accuracy(mlm_stand_in, data, "val", "cpu", batch_size=1000) == 1.0
     masked = calls[0] == data.tok.mask_id
     assert torch.equal(masked, torch.isin(mlm_stand_in.truth, stand_in.attr))
@@ -120,7 +123,7 @@ def test_evaluate_reports_each_figure_under_its_name(world, monkeypatch):
     data = world
     oracle = Oracle(data)
     attrs = Attributes(data)
-    oracle.answer_logits = attrs.answer_logits
+    oracle.logits = attrs.logits
     out = vlm.evaluate(oracle, data, "cpu")
     for split in ("val", "ood"):
         assert out[f"{split}_q_all"] == 1.0 and out[f"{split}_caption_f1"] == 1.0

@@ -48,7 +48,7 @@ def test_joint_objective_is_the_vlm_loss_plus_the_mae_loss(tiny):
     b = data.batch("train", 0, 4, "cpu")
     torch.manual_seed(1)
     joint, _ = model(b)
-    logits, labels, _ = model.answer_targets(b["images"], b["prompt"], b["answer"], b["image_index"])
+    logits, labels, _ = vlm.answer_targets(model, b["images"], b["prompt"], b["answer"], b["image_index"])
     vlm_loss = torch.nn.functional.cross_entropy(logits[0], labels[0])
     reference = mae.MAE(vlm.mae_config(model.cfg))  # MAE's own loss, computed by its own code
     reference.load_state_dict({**reference.state_dict(), **{f"encoder.{k}": v for k, v in

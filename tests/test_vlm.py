@@ -8,6 +8,7 @@ import mlm
 import vlm
 from checkpoints import load_checkpoint
 from common import UserError
+from data.pairs import row_images
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
 from tests.conftest import VLM_ARGS, VLM_TINY, evaluate_again, overfit, run, tiny_vlm
 
@@ -23,17 +24,17 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
         model.head_bias.normal_(0, 3)
     b = data.batch("val", 0, 6, "cpu")  # questions and captions: prompts of different lengths
     assert (b["prompt"] == data.tok.pad_id).any()
-    cached = model.generate(vlm.row_images(b), b["prompt"], 12, use_cache=True)
-    full = model.generate(vlm.row_images(b), b["prompt"], 12, use_cache=False)
+    cached = model.generate(row_images(b), b["prompt"], 12, use_cache=True)
+    full = model.generate(row_images(b), b["prompt"], 12, use_cache=False)
     assert cached.shape[1] > 3 and torch.equal(cached, full)
     torch.manual_seed(1)
-    a = model.generate(vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5)
+    a = model.generate(row_images(b), b["prompt"], 12, temperature=1.0, top_k=5)
     torch.manual_seed(1)
-    c = model.generate(vlm.row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
+    c = model.generate(row_images(b), b["prompt"], 12, temperature=1.0, top_k=5, use_cache=False)
     assert torch.equal(a, c)
     # a row alone gets the same answer as in the padded batch
     first_real = (b["prompt"][2] != data.tok.pad_id).int().argmax()
-    alone = model.generate(vlm.row_images(b)[2:3], b["prompt"][2:3][:, first_real:], 12)
+    alone = model.generate(row_images(b)[2:3], b["prompt"][2:3][:, first_real:], 12)
     assert torch.equal(alone[0], cached[2, :alone.shape[1]])
 
 
@@ -41,7 +42,7 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(tiny):
 def test_start_late_and_join_a_batch_match_full_recomputation(tiny):
     model, data = tiny
     b = data.batch("val", 0, 4, "cpu")
-    images, prompt = vlm.row_images(b), b["prompt"]
+    images, prompt = row_images(b), b["prompt"]
     answer = torch.randint(0, 390, (len(prompt), 3))  # ordinary words: the special ids are 392 and up
     with torch.no_grad():
         full = model.logits(images, prompt, answer)[:, -answer.shape[1] - 1:]  # (B, 4, V): after each prefix
@@ -113,7 +114,7 @@ def test_tiny_vlm_overfits_a_batch():
     loss, metrics = overfit(model, b, 150)
     assert loss.item() < 0.05 and metrics["acc"] == 1.0
     model.eval()
-    out = model.generate(vlm.row_images(b), b["prompt"], b["answer"].shape[1])
+    out = model.generate(row_images(b), b["prompt"], b["answer"].shape[1])
     for ids, answer in zip(out.tolist(), b["answer"].tolist()):
         n = answer.index(data.tok.eot_id) + 1
         assert ids[:n] == answer[:n]
@@ -132,7 +133,7 @@ def test_mlm_objective_masks_the_caption_and_sees_everything(tiny):
     n_regular = data.tok.vocab_size - len(data.tok.special)
     inputs, labels = mlm.mask_tokens(b["answer"], data.tok.mask_id, n_regular, model.special_ids,
                                      cfg.mask_prob)
-    logits = model.fill(b["images"], b["prompt"], inputs, b["image_index"])
+    logits = model.logits(b["images"], b["prompt"], inputs, b["image_index"])[:, -inputs.shape[1]:]
     sel = labels != -100
     assert sel.any() and (inputs[sel] != b["answer"][sel]).any()  # some caption tokens were hidden
     assert (labels[~sel] == -100).all() and torch.equal(labels[sel], b["answer"][sel])
