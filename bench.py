@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_checkpoint, load_model
-from common import (UserError, at_least, check_writable, choices_text, device_name, fmt_mib, peak_memory_mib,
-                    pick_device, pyplot, savefig)
-from config import cli, config_help, parse_overrides, usage
 from data.pairs import CAPTION_PROMPT, length_groups
+from lib.checkpoints import load_checkpoint, load_model
+from lib.common import (UserError, at_least, check_writable, choices_text, device_name, fmt_mib,
+                        peak_memory_mib, pick_device, pyplot, savefig)
+from lib.config import cli, config_help, parse_overrides, usage
 from train import TrainConfig
 
 
@@ -260,9 +260,9 @@ def study_model_or_untrained(study, device):
 
 
 def bench_hallucination(bc):
-    import decoding
+    from study import decoding
     import hallucination as H
-    import measures
+    from study import measures
     import vlm
     from data.shapes import exist_question
     device = pick_device(bc.device)
@@ -306,10 +306,10 @@ def bench_hallucination(bc):
 
 
 def cure_runs(model, data, device, n_calib=16):
-    """The decoding-time cures that are hooks, not decoding methods: VHR and VTI (cures.py's defaults),
+    """The decoding-time cures that are hooks, not decoding methods: VHR and VTI (study/cures.py's defaults),
     calibrated on a few training scenes (their cost does not depend on which heads or directions)."""
-    import cures
-    import decoding
+    from study import cures
+    from study import decoding
     from data import to_tensor
     cc, greedy = cures.CureConfig(), decoding.METHODS["greedy"]
     heads = cures.pick_heads(cures.vhd_scores(model, data, n_calib, device), cc.k_heads, "top")

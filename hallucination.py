@@ -3,9 +3,9 @@ hold every method against honest controls. `python hallucination.py [--ckpt=PATH
 
 A vision-language model trained on a biased world (circles come with squares, triangles with stars,
 diamonds with crosses) learns the bias along with the pixels, and says "square" where there is none.
-In the shapes world the truth is exact, so hallucination is counted, not guessed (`measures.py`: POPE's
+In the shapes world the truth is exact, so hallucination is counted, not guessed (`study/measures.py`: POPE's
 yes/no questions on three splits, CHAIR on captions of one fixed length). Every decoding method
-(`decoding.py`: greedy, sampling, the plausibility cut alone, VCD, a no-image contrast, RITUAL, M3ID,
+(`study/decoding.py`: greedy, sampling, the plausibility cut alone, VCD, a no-image contrast, RITUAL, M3ID,
 DeCo) runs on the same model and questions, beside a data-side control: the same VLM trained on the
 unbiased world, decoded greedily. `--data_path=DIR`: the study on a user's folder (its `objects`).
 """
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 import vlm
-from checkpoints import load_checkpoint, load_model
-from common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
-from config import cli, config_help, parse_overrides, usage
 from data.captioned import read_folder, read_pope_file
 from data.pairs import CAPTION_PROMPT, shapes_tokenizer
 from data.shapes import SHAPES, caption
-from decoding import METHODS, decode
-from measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
+from lib.checkpoints import load_checkpoint, load_model
+from lib.common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
+from lib.config import cli, config_help, parse_overrides, usage
+from study.decoding import METHODS, decode
+from study.measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, parse_yes_no, pope_metrics,
                       pope_questions, pope_rule)
 
 
@@ -160,7 +160,7 @@ def image_attention(model, images, prompt, answer, image_index=None):
 # The study: models, the table, the pictures
 
 STUDY_CONF = Path(__file__).parent / "config/vlm_study.conf"
-# the world each is trained on: the study's, the unbiased control, and (for cures.py) the bias halved
+# the world each is trained on: the study's, the unbiased control, and (for study/cures.py) the bias halved
 STUDY_MODELS = {"biased": [], "unbiased": ["--cooccur=0", "--skew=0"], "halved": ["--cooccur=0.45"]}
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, at_least, divisible, one_of
 from data import stream_indices, to_tensor
+from lib.common import UserError, at_least, divisible, one_of
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, at_least, divisible, one_of
+from lib.common import UserError, at_least, divisible, one_of
 from mae import Block, get_1d_sincos_pos_embed, init_weights
 
 

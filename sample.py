@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_model
-from common import (UserError, at_least, check_writable, draw_grid, load_idea, one_of, pick_device, pyplot,
-                    savefig)
-from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
 from data.pairs import CAPTION_PROMPT
+from lib.checkpoints import load_model
+from lib.common import (UserError, at_least, check_writable, draw_grid, load_idea, one_of, pick_device,
+                        pyplot, savefig)
+from lib.config import cli, config_help, parse_overrides, usage
 
 
 @dataclass

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import (check_out_dir, check_resume_shapes, load_checkpoint, lock_out_dir, save_atomic,
-                         without_init)
-from common import (StopSignals, UserError, at_least, count_flops, device_name, fmt_mib, fmt_time, load_idea,
-                    one_of, peak_flops, peak_memory_mib, pick_device, plot_losses, setup_distributed,
-                    teardown_distributed)
-from config import cli, config_help, parse_overrides, usage
+from lib.checkpoints import (check_out_dir, check_resume_shapes, load_checkpoint, lock_out_dir, save_atomic,
+                             without_init)
+from lib.common import (StopSignals, UserError, at_least, count_flops, device_name, fmt_mib, fmt_time,
+                        load_idea, one_of, peak_flops, peak_memory_mib, pick_device, plot_losses,
+                        setup_distributed, teardown_distributed)
+from lib.config import cli, config_help, parse_overrides, usage
 
 
 @dataclass

@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint, load_encoder
-from common import UserError, at_least, divisible, f1, one_of
-from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from data.captioned import FolderPairs, folder_tokenizer
 from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
+from lib.checkpoints import load_checkpoint, load_encoder
+from lib.common import UserError, at_least, divisible, f1, one_of
+from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
 MAX_TEXT = 128  # text positions (prompt + answer)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
+from lib.common import UserError
 
 
 def to_tensor(images, device):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from common import UserError
+from lib.common import UserError
 
 # GPT-2's split, spelled with ASCII classes so Python's `re` (training) and tiktoken agree
 PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""

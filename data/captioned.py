@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
 from data import checked_cache, write_manifest
 from data.pairs import CAPTION_PROMPT, Pairs
 from data.shapes import CACHE_DIR
+from lib.common import UserError
 
 MIN_IMAGES = 10
 

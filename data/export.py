@@ -9,10 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import check_writable
-from config import cli, config_help, parse_overrides, usage
 from data.pairs import SHAPES_PROMPT
 from data.shapes import SHAPES, World, caption, exist_question, join_words, questions, render, sample_scene
+from lib.common import check_writable
+from lib.config import cli, config_help, parse_overrides, usage
 
 
 @dataclass

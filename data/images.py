@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common import UserError
-from config import cli, usage
 from data import checked_cache, write_manifest
+from lib.common import UserError
+from lib.config import cli, usage
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
 from data import checked_cache, file_digest, write_manifest
 from data.bpe import Tokenizer
+from lib.common import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path(__file__).parent / "cache"

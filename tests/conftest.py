@@ -64,7 +64,7 @@ def tiny_vlm(**overrides):
 def evaluate_again(out_dir, idea="vlm"):
     """What the idea's evaluate() says of the checkpoint in out_dir, recomputed here on one thread as
     train.py's subprocess ran -> the figures metrics.json must hold."""
-    from checkpoints import load_model
+    from lib.checkpoints import load_model
     module, model, cfg, ckpt = load_model(idea, Path(out_dir) / "ckpt.pt")
     data = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
     threads = torch.get_num_threads()

@@ -3,9 +3,9 @@ import json
 import pytest
 from PIL import Image
 
-from common import UserError
 from data.captioned import read_folder
 from data.shapes import SHAPES, World, caption, render, sample_scene
+from lib.common import UserError
 
 
 def shapes_folder(folder, n=20):
@@ -125,7 +125,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
 
 def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     import numpy as np
-    import measures as M
+    from study import measures as M
     import vlm
     from data.captioned import FolderPairs
     from tests.conftest import VLM_TINY, run

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import causes
-import vlm
-from checkpoints import load_model
-from data.shapes import PARTNER, render_scene
 import hallucination as H
+import vlm
 from data.pairs import row_images
+from data.shapes import PARTNER, render_scene
 from data.shapes import SHAPES
+from lib.checkpoints import load_model
+from study import causes
 from tests.conftest import VLM_TINY, run, tiny_vlm
 from tests.oracle import Oracle, partner_prior
 
@@ -87,7 +87,7 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     threads = torch.get_num_threads()
     conf = tmp_path / "tiny.conf"
     conf.write_text("".join(f"{k} = {v}\n" for k, v in VLM_TINY.items()) + "batch_size = 4\neval_iters = 1\n")
-    args = ["causes.py", "--cooccur=0,0.9", "--noise=0.3", "--max_iters=2", "--n_scenes=6",
+    args = ["-m", "study.causes", "--cooccur=0,0.9", "--noise=0.3", "--max_iters=2", "--n_scenes=6",
             f"--config={conf}", f"--out_dir={tmp_path / 'map'}"]
     first = run(*args)
     assert first.stdout.count("python train.py vlm") == 2
@@ -111,7 +111,7 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     assert json.loads((tmp_path / "map/map.json").read_text())["cells"] == grid  # from the cached figures
     assert (tmp_path / "map/map.png").stat().st_size > 0
     assert "| 0 / 0.3 | 1 | " in second.stdout and "| 0.9 / 0.3 | 1 | " in second.stdout  # the table
-    one = run("causes.py", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
+    one = run("-m", "study.causes", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
     assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
     beaf = json.loads((tmp_path / "one/beaf_layers.json").read_text())["beaf"]
     assert len(beaf) == 1 and set(beaf[0]) == {"partner", "random", "all"}

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import cures
-import decoding as D
 import hallucination as H
-import measures as M
-import preference
 import vlm
 from data.pairs import row_images
 from data.shapes import PARTNER, SHAPES, exist_question
+from study import cures
+from study import decoding as D
+from study import measures as M
+from study import preference
 from tests.conftest import tiny_vlm
 from tests.oracle import Oracle, asked_shape, partner_prior
 
@@ -177,7 +177,8 @@ def test_the_cures_table_runs_every_cure_beside_its_controls(tmp_path, tiny_vlm_
     import json
     from tests.conftest import run
     ckpt = tiny_vlm_ckpt
-    p = run("cures.py", f"--ckpt={ckpt}", f"--control_ckpt={ckpt}", f"--halved_ckpt={ckpt}", "--seeds=1",
+    p = run("-m", "study.cures", f"--ckpt={ckpt}", f"--control_ckpt={ckpt}", f"--halved_ckpt={ckpt}",
+            "--seeds=1",
             "--n_scenes=6", "--n_captions=4", "--n_calib=4", "--dpo_steps=2", "--k_heads=2",
             f"--out_dir={tmp_path / 'cures'}")
     results = json.loads((tmp_path / "cures/cures.json").read_text())["methods"]

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import UserError
 from data import stream_indices
 from data.images import load_folder, load_image, prepare_cifar10
 from data.shapes import (COLOUR_NAMES, NUMBERS, SHAPES, SIZES, ShapesSplit, World, caption, position_name,
                          questions, render, render_scene, sample_scene)
+from lib.common import UserError
 
 
 def test_scene_is_a_pure_function_of_seed_split_index(tmp_path):

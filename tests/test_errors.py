@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import bench
-import config
 import data.images
 import hallucination
 import mae
 import sample
 import train
-from checkpoints import load_checkpoint, lock_out_dir, save_atomic
-from config import parse_overrides
+from lib import config
+from lib.checkpoints import load_checkpoint, lock_out_dir, save_atomic
+from lib.config import parse_overrides
 from tests.conftest import MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, run
 
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import decoding as D
 import hallucination as H
-import measures as M
 import vlm
 from data.pairs import row_images
 from data.shapes import BACKGROUND, PARTNER, SHAPES
+from study import decoding as D
+from study import measures as M
 from tests.conftest import tiny_vlm
 
 
@@ -56,7 +56,7 @@ def test_deco_candidates_anchor_and_mix_by_hand():
 
 
 def test_deco_in_decode_reads_the_layers_of_a_full_pass(tiny):
-    import causes
+    from study import causes
     model, data = tiny
     b = data.make_batch("val", np.arange(6), [("is there a star?", "")] * 6, "cpu")
     images, sc = row_images(b), H.StudyConfig()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mae
-from common import UserError
-from tests.conftest import MAE_TINY
+from lib.common import UserError
 from mae import MAE, Config, get_2d_sincos_pos_embed, patchify, random_masking, unpatchify
+from tests.conftest import MAE_TINY
 
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import decoding as D
 import hallucination as H
-import measures as M
 import vlm
 from data.shapes import BACKGROUND, COLOUR_NAMES, PARTNER, SHAPES, SIZES, caption, exist_question, questions
+from study import decoding as D
+from study import measures as M
 from tests.conftest import tiny_vlm
 from tests.oracle import Oracle, partner_prior
 

@@ -7,7 +7,7 @@ import torch
 
 import mae
 import vlm
-from checkpoints import load_checkpoint
+from lib.checkpoints import load_checkpoint
 from tests.conftest import VLM_ARGS, VLM_TINY, evaluate_again, overfit, run
 
 AUTO = [a for a in VLM_ARGS if not a.startswith("--init_vision")]  # the default: --init_vision=auto

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import mae
-from checkpoints import load_checkpoint
-from common import UserError
-from config import parse_overrides
+from lib.checkpoints import load_checkpoint
+from lib.common import UserError
+from lib.config import parse_overrides
 from tests.conftest import MAE_ARGS, ROOT, evaluate_again, run
 from train import TrainConfig, build_configs
 

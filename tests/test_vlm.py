@@ -6,10 +6,10 @@ import torch
 
 import mlm
 import vlm
-from checkpoints import load_checkpoint
-from common import UserError
 from data.pairs import row_images
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
+from lib.checkpoints import load_checkpoint
+from lib.common import UserError
 from tests.conftest import VLM_ARGS, VLM_TINY, evaluate_again, overfit, run, tiny_vlm
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, check_writable, load_idea
+from lib.common import UserError, check_writable, load_idea
 
 CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
 

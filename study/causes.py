@@ -11,8 +11,8 @@
                                  P(no)) and by a linear probe trained on training scenes ("The First
                                  to Know"; DeCo): does an earlier layer know what the last one says
                                  wrong?
-    The map                      `python causes.py [--key=value ...]`: the study's VLM (the default
-                                 recipe, the tower from the MAE) trained on a grid of worlds, the
+    The map                      `python -m study.causes [--key=value ...]`: the study's VLM (the
+                                 default recipe, the tower from the MAE) trained on a grid of worlds, the
                                  co-occurrence bias x the pixel noise (the perception knob), one
                                  budget for every cell; per cell sight (`ood` existence), POPE,
                                  the partner-yes rate, CHAIR_i and BEAF. Each cell's checkpoint and
@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from checkpoints import load_model
-from common import UserError, at_least, check_writable, pick_device, pyplot, savefig
-from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
-from decoding import METHODS, decode
 from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
-from measures import parse_yes_no, shape_stats
+from lib.checkpoints import load_model
+from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
+from lib.config import cli, config_help, parse_overrides, usage
+from study.decoding import METHODS, decode
+from study.measures import parse_yes_no, shape_stats
 from vlm import answer_questions
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def plot_runs_by_sight(ax, cs, grid):
 
 
 def plot_map(cooccur, noise, grid, path):
-    """causes.py's map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
+    """The map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
     seed]} -> heat maps, one per panel, mean over seeds (a cell not yet measured stays blank), and
     every run by its sight."""
     cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)

@@ -10,8 +10,8 @@
 """
 import numpy as np
 
-from common import f1
 from data.shapes import SHAPES, object_match, parse_caption
+from lib.common import f1
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.shapes import PARTNER, SHAPES, caption, exist_question
 from data.pairs import CAPTION_PROMPT, row_images
+from data.shapes import PARTNER, SHAPES, caption, exist_question
 from vlm import answer_positions
 
 LOG2 = math.log(2)  # the DPO loss where the policy is still the reference
@@ -82,7 +82,7 @@ def preference_pool(data, n_scenes, negatives, rng):
 def distorted_answers(model, data, scenes, device, noise_step=500, seed=0):
     """POVID's other negatives: the model's own captions of the scenes under diffusion noise
     (VCD's distortion), kept where they differ from the truth -> (scenes, prompts, chosen, rejected)."""
-    from decoding import noise_coefficients
+    from study.decoding import noise_coefficients
     a, s = noise_coefficients(noise_step)
     b = data.make_batch("train", np.array(scenes), [(CAPTION_PROMPT, "")] * len(scenes), device)
     images = row_images(b)

@@ -12,7 +12,7 @@
                                  averaged over calibration scenes; while decoding, the top-k heads'
                                  outputs are scaled by gamma. Controls: k random heads, the k least
                                  vision-aware heads.
-Preference training (DPO) lives in `preference.py`. `python cures.py` runs every cure beside its
+Preference training (DPO) lives in `preference.py`. `python -m study.cures` runs every cure beside its
 control on the study's model (see main).
 """
 import json
@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from common import UserError, at_least, pick_device
-from config import cli, config_help, parse_overrides, usage
 from data import to_tensor
-from data.shapes import PARTNER, SHAPES, caption, exist_question
-from decoding import METHODS
-from hallucination import COLUMNS, StudyConfig, check_study, plot_bars, run_method, study_model, table
-from measures import shape_stats
-from preference import hallucinated_caption, preference_tune
 from data.pairs import CAPTION_PROMPT, blank_like, row_images
+from data.shapes import PARTNER, SHAPES, caption, exist_question
+from hallucination import COLUMNS, StudyConfig, check_study, plot_bars, run_method, study_model, table
+from lib.common import UserError, at_least, pick_device
+from lib.config import cli, config_help, parse_overrides, usage
+from study.decoding import METHODS
+from study.measures import shape_stats
+from study.preference import hallucinated_caption, preference_tune
 from vlm import prefix_lm_mask
 
 
@@ -230,7 +230,7 @@ class CureConfig(StudyConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.data_path:
-            raise UserError("cures.py runs on the shapes world (its controls read the world's scenes); "
+            raise UserError("study.cures runs on the shapes world (its controls read the world's scenes); "
                             "--data_path is for hallucination.py")
         at_least(self, 1, "k_heads", "n_calib", "dpo_steps")
         at_least(self, 0, "gamma", "vti_alpha")

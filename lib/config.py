@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import UserError
+from lib.common import UserError
 
 
 def convert(key, value, typ):
@@ -133,6 +133,9 @@ def cli(main):
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits 130 itself)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python train.py --help | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        sys.exit(0)
     sys.exit(code or 0)
 
 
