@@ -19,9 +19,10 @@ import torch
 
 import vlm
 from data.captioned import read_folder, read_pope_file
+from data import to_tensor
 from data.pairs import CAPTION_PROMPT, shapes_tokenizer
 from data.shapes import SHAPES, caption
-from lib.checkpoints import load_checkpoint, load_model
+from lib.checkpoints import load_checkpoint, load_model, run_left
 from lib.common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
 from study.decoding import METHODS, decode
@@ -67,14 +68,15 @@ class StudyConfig:
 # POPE and CHAIR for one method and seed
 
 @torch.no_grad()
-def ask_yes_no(model, qs, data, method, study, gen, device, batch_size=200):
-    """qs: [(split, image, question)], one split a batch -> (raw texts, first-token scores)."""
+def ask(model, data, images, questions, method, study, gen, device, batch_size=200):
+    """Each question about its own image (uint8 (N, H, W, 3)), answered by a decoding method in at most
+    three tokens -> (the raw answers, the first step's scores (V,) each). What POPE, BEAF and the map
+    ask with."""
     raws, firsts = [], []
-    for k in range(0, len(qs), batch_size):
-        chunk = qs[k:k + batch_size]
-        b = data.make_batch(chunk[0][0], np.array([c[1] for c in chunk]), [(c[2], "") for c in chunk], device)
-        tokens, first, _ = decode(model, b["images"], b["prompt"], method, study, 3, gen,
-                                  image_index=b["image_index"])
+    for k in range(0, len(questions), batch_size):
+        prompt = data.encode(questions[k:k + batch_size], left_pad=True).to(device)
+        imgs = to_tensor(images[k:k + batch_size], device)  # (b, 3, H, W)
+        tokens, first, _ = decode(model, imgs, prompt, method, study, 3, gen)
         raws += model.texts(tokens)
         firsts += list(first)
     return raws, firsts
@@ -100,7 +102,8 @@ def pope_run(model, data, name, method, study, seed, stats, gen, device):
         mine = []
         for part in ("train", "val"):  # a batch reads images of one split
             asked = [q for q in qs if q[0] == part]
-            raws, firsts = ask_yes_no(model, asked, data, method, study, gen, device)
+            images = data.images(part)[np.array([q[1] for q in asked], dtype=int)]
+            raws, firsts = ask(model, data, images, [q[2] for q in asked], method, study, gen, device)
             mine += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
                       "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
                       "by_prob": "yes" if s[yes] > s[no] else "no"} for q, raw, s in zip(asked, raws, firsts)]
@@ -164,9 +167,10 @@ STUDY_CONF = Path(__file__).parent / "config/vlm_study.conf"
 STUDY_MODELS = {"biased": [], "unbiased": ["--cooccur=0", "--skew=0"], "halved": ["--cooccur=0.45"]}
 
 
-def study_args(name, out_dir, data_path=""):
+def study_args(name, data_path=""):
+    """The `train.py vlm` arguments of the study's model `name` (its folder aside)."""
     world = ["--dataset=folder", f"--data_path={data_path}"] if name == "folder" else STUDY_MODELS[name]
-    return ["vlm", str(STUDY_CONF), *world, f"--out_dir={Path(out_dir) / name}"]
+    return [str(STUDY_CONF), *world]
 
 
 def study_n_eval(path, out_dir, name):
@@ -175,30 +179,26 @@ def study_n_eval(path, out_dir, name):
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
     if path.exists():
         return load_checkpoint(path, "vlm")["config"]["model"]["n_eval"]
-    return train.configs("vlm", study_args(name, out_dir)[1:])[2].n_eval
+    return train.configs("vlm", study_args(name))[2].n_eval
 
 
 def train_or_finish(folder, args, what):
-    """`python train.py ARGS` into folder, unless a finished run is there; an interrupted one is
+    """`python train.py vlm ARGS` into folder, unless a finished run is there; an interrupted one is
     finished -> the checkpoint's path."""
     import train  # the study's deliberate use of the loop: it trains its own models
-    path = Path(folder) / "ckpt.pt"
-    if not path.exists():
-        print(f"training {what}: python train.py {' '.join(args)}", flush=True)
-        train.main(args)
-    else:
-        ckpt = load_checkpoint(path, "vlm")
-        if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # an interrupted run: finish it
-            print(f"finishing {what} in {folder}", flush=True)
-            train.main(["vlm", "--init_from=resume", f"--out_dir={folder}"])
-    return path
+    left = run_left("vlm", args, folder)
+    if left:
+        print(f"{'finishing' if '--init_from=resume' in left else 'training'} {what}: "
+              f"python train.py {' '.join(left)}", flush=True)
+        train.main(left)
+    return Path(folder) / "ckpt.pt"
 
 
 def study_model(path, out_dir, name, device, data_path=""):
     """A trained VLM from `path`, or the study's config trained into out_dir/name first."""
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
     if path.parent == Path(out_dir) / name:  # the study's own: train it, or finish an interrupted run
-        train_or_finish(path.parent, study_args(name, out_dir, data_path), f"the study's {name} model")
+        train_or_finish(path.parent, study_args(name, data_path), f"the study's {name} model")
     _, model, cfg, ckpt = load_model("vlm", path, device)
     if cfg.objective != "prefix":
         raise UserError(f"{path} is an --objective={cfg.objective} model; "

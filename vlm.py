@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from data.captioned import FolderPairs, folder_tokenizer
 from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
-from lib.checkpoints import load_checkpoint, load_encoder
+from lib.checkpoints import load_checkpoint, load_encoder, run_left
 from lib.common import UserError, at_least, divisible, f1, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
 from mlm import filter_logits, mask_tokens, masked_loss, word_mask
@@ -112,14 +112,10 @@ def requires(cfg, out_dir):
     key = "-".join(str(v) for v in shapes.values())
     for folder in (Path(out_dir).parent / "out-mae", Path(out_dir).parent / f"out-mae-{key}"):
         path = folder / "ckpt.pt"
-        found = replace(cfg, init_vision=str(path))
-        if not path.exists():
-            return found, [("mae", [*args, f"--out_dir={folder}"])]
-        ckpt = load_checkpoint(path, "mae")
-        if all(ckpt["config"]["model"].get(k) == v for k, v in shapes.items()):
-            if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # interrupted: finish it
-                return found, [("mae", ["--init_from=resume", f"--out_dir={folder}"])]
-            return found, []
+        if not path.exists() or all(load_checkpoint(path, "mae")["config"]["model"].get(k) == v
+                                    for k, v in shapes.items()):  # none yet, or one of these shapes
+            left = run_left("mae", args, folder)
+            return replace(cfg, init_vision=str(path)), [(left[0], left[1:])] if left else []
     raise UserError(f"{folder} holds an MAE of other shapes than this tower; move it, or give "
                     f"--init_vision=PATH (or none)")
 

@@ -59,6 +59,19 @@ def load_encoder(vit, path, flag):
     vit.load_state_dict(weights)
 
 
+def run_left(idea, args, folder):
+    """What `python train.py idea ARGS` into folder still has to do -> the train.py arguments: the whole
+    run where folder holds no checkpoint, a resume where the run there was interrupted, none ([]) where
+    it finished. The one "train it, or finish it" that the VLM's MAE and the study's models share."""
+    path = Path(folder) / "ckpt.pt"
+    if not path.exists():
+        return [idea, *args, f"--out_dir={folder}"]
+    ckpt = load_checkpoint(path, idea)
+    if ckpt["iter"] < ckpt["config"]["train"]["max_iters"]:  # interrupted: finish it
+        return [idea, "--init_from=resume", f"--out_dir={folder}"]
+    return []
+
+
 def without_init(cfg):
     """The config with every init_* key (where training started from) emptied: a checkpoint's weights
     replace them, so loading or resuming never needs those files again."""

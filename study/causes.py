@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 
 import vlm
-from data import to_tensor
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
-from hallucination import StudyConfig, chair_run, pope_run, train_or_finish
+from hallucination import StudyConfig, ask, chair_run, pope_run, train_or_finish
 from lib.checkpoints import load_model
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
-from study.decoding import METHODS, decode
+from study.decoding import METHODS
 from study.measures import parse_yes_no, shape_stats
 from vlm import answer_questions
 
@@ -76,16 +75,12 @@ def removed_images(world, split, shapes_split, edits):
 
 
 @torch.no_grad()
-def ask(model, data, images, shapes, study, device, batch_size=200):
+def ask_exists(model, data, images, shapes, study, device, batch_size=200):
     """Greedy answers to "is there a {shape}?" about each image: 'yes', 'no' or None (unparsable)."""
-    answers = []
-    for k in range(0, len(shapes), batch_size):
-        questions = [(exist_question(s), "") for s in shapes[k:k + batch_size]]
-        prompt = data.encode([q for q, _ in questions], left_pad=True).to(device)
-        imgs = to_tensor(images[k:k + batch_size], device)
-        tokens = decode(model, imgs, prompt, METHODS["greedy"], study, 3, torch.Generator())[0]
-        answers += [parse_yes_no(t) for t in model.texts(tokens)]
-    return answers
+    questions = [exist_question(s) for s in shapes]
+    raws, _ = ask(model, data, images, questions, METHODS["greedy"], study, torch.Generator(), device,
+                  batch_size)
+    return [parse_yes_no(t) for t in raws]
 
 
 def beaf_answers(model, data, split, edits, study, device):
@@ -96,7 +91,7 @@ def beaf_answers(model, data, split, edits, study, device):
     removed = [int(shapes_split.scene(e[0])[e[1], 0]) for e in edits]
     kept = [int(shapes_split.scene(e[0])[e[2], 0]) for e in edits]
     images = np.concatenate([before, after, before, after])
-    a = ask(model, data, images, removed + removed + kept + kept, study, device)
+    a = ask_exists(model, data, images, removed + removed + kept + kept, study, device)
     E = len(edits)
     return [{"scene": e[0], "kind": e[3], "removed": removed[j], "kept": kept[j], "before": a[j],
              "after": a[E + j], "kept_before": a[2 * E + j], "kept_after": a[3 * E + j]}
@@ -346,8 +341,8 @@ def cells(map_cfg):
 def train_cell(map_cfg, cooccur, noise, seed):
     """The cell's VLM, trained (or finished) in its folder; the MAE is shared: out_dir/out-mae."""
     folder = cell_dir(map_cfg, cooccur, noise, seed)
-    args = ["vlm", *([map_cfg.config] if map_cfg.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
-            f"--max_iters={map_cfg.max_iters}", f"--seed={1337 + seed}", f"--out_dir={folder}"]
+    args = [*([map_cfg.config] if map_cfg.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
+            f"--max_iters={map_cfg.max_iters}", f"--seed={1337 + seed}"]
     train_or_finish(folder, args, f"cell cooccur={cooccur} noise={noise} seed={seed}")
     return folder
 
@@ -367,7 +362,7 @@ def partner_yes(model, data, n_scenes, device):
             asked += [int(rng.choice(missing)), int(rng.choice(plain))]
         if len(asked) >= 2 * n_scenes:
             break
-    said = ask(model, data, np.stack(images), asked, StudyConfig(), device)
+    said = ask_exists(model, data, np.stack(images), asked, StudyConfig(), device)
     return float(np.mean([a == "yes" for a in said[0::2]])), float(np.mean([a == "yes" for a in said[1::2]]))
 
 

@@ -149,7 +149,7 @@ def test_ask_answers_each_image_about_its_own_shape(tiny):
     val = data.shapes["val"]
     shapes = [int(val.scene(i)[0, 0]) for i in range(10)] + [s for s in range(6)]
     images = np.stack([val.images[i] for i in range(10)] + [val.images[0]] * 6)
-    said = causes.ask(Oracle(data), data, images, shapes, H.StudyConfig(), "cpu", batch_size=4)
+    said = causes.ask_exists(Oracle(data), data, images, shapes, H.StudyConfig(), "cpu", batch_size=4)
     present = val.scene(0)[:, 0].tolist()
     assert said == ["yes"] * 10 + ["yes" if s in present else "no" for s in range(6)]
 
