@@ -5,7 +5,8 @@ same small face, and the loop calls nothing else:
     Config            a dataclass of the idea's own keys, with laptop-CPU defaults
     train_defaults    the idea's defaults for the loop's keys (TrainConfig below)
     Model(cfg)        an nn.Module; model(batch) -> (loss, metrics)
-    Data(cfg, seed)   .batch(split, pos, batch_size, device) -> batch, a pure function of pos;
+    Data(cfg, seed)   the data (a class, or a function that picks one, as the VLM's does):
+                      .batch(split, pos, batch_size, device) -> batch, a pure function of pos;
                       .items(batch) counts what `.unit` names (images, tokens) for throughput
     evaluate(model, data, device) -> dict of figures reported once training is done
     monitor(model, data, device)  (optional) a few cheap figures logged at every evaluation
