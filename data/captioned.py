@@ -29,31 +29,57 @@ from lib.common import UserError
 MIN_IMAGES = 10
 
 
+def read_text(path):
+    """A text file as UTF-8 (a byte-order mark allowed), or a one-line error."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a file")
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
 def read_json(path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+        return json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON: {e.__class__.__name__}") from None
+
+
+def json_lines(path):
+    """-> [(line number, object)]: JSON Lines, split at newlines only (a string may hold U+2028)."""
+    out = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = getattr(e, "msg", "nested too deeply")
+                raise UserError(f"{path}, line {n}: not JSON ({why})") from None
+    return out
+
+
+def text_of(value, where, what):
+    """A caption, question or answer: a non-empty string, or a one-line error naming where."""
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: {what} must be a non-empty string, not {json.dumps(value)[:40]}")
+    return value.strip()
 
 
 def from_metadata(path):
     records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {n}: not JSON ({e.msg})") from None
+    for n, row in json_lines(path):
+        where = f"{path}, line {n}"
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise UserError(f"{path}, line {n}: needs a \"file_name\" string")
+            raise UserError(f"{where}: needs a \"file_name\" string")
         qa = row.get("qa") or []
         if not isinstance(qa, list) or not all(isinstance(p, dict) and {"q", "a"} <= set(p) for p in qa):
-            raise UserError(f"{path}, line {n}: \"qa\" must be a list of {{\"q\": ..., \"a\": ...}}")
+            raise UserError(f"{where}: \"qa\" must be a list of {{\"q\": ..., \"a\": ...}}")
         caption = row.get("caption")
-        records.append({"file_name": row["file_name"], "captions": [caption] if caption else [],
-                        "qa": [(str(p["q"]), str(p["a"])) for p in qa], "objects": row.get("objects"),
-                        "split": row.get("split"), "where": f"{path}, line {n}"})
+        captions = [] if caption in (None, "") else [text_of(caption, where, "the caption")]
+        pairs = [(text_of(p["q"], where, "a question"), text_of(p["a"], where, "an answer")) for p in qa]
+        records.append({"file_name": row["file_name"], "captions": captions, "qa": pairs,
+                        "objects": row.get("objects"), "split": row.get("split"), "where": where})
     return records
 
 
@@ -63,34 +89,51 @@ def from_llava(path):
         raise UserError(f"{path}: a LLaVA file is a JSON list of {{\"image\", \"conversations\"}} items")
     records = []
     for n, item in enumerate(items):
-        if not isinstance(item, dict) or "image" not in item or "conversations" not in item:
-            raise UserError(f"{path}: item {n} is not {{\"image\": ..., \"conversations\": [...]}}")
+        where = f"{path}, item {n}"
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
+                not isinstance(item.get("conversations"), list):
+            raise UserError(f"{where} is not {{\"image\": \"a file name\", \"conversations\": [...]}}")
         qa = []
         turns = item["conversations"]
+        if not all(isinstance(t, dict) for t in turns):
+            raise UserError(f"{where}: each turn is {{\"from\": ..., \"value\": ...}}")
         for human, gpt in zip(turns[0::2], turns[1::2]):  # the first human/gpt pair is enough
             if human.get("from") == "human" and gpt.get("from") == "gpt":
-                qa.append((human["value"].replace("<image>", "").strip(), gpt["value"].strip()))
+                question = text_of(human.get("value"), where, "a human turn's value").replace("<image>", "")
+                qa.append((question.strip(), text_of(gpt.get("value"), where, "a gpt turn's value")))
         records.append({"file_name": item["image"], "captions": [], "qa": qa[:1], "objects": None,
-                        "split": None, "where": f"{path}, item {n}"})
+                        "split": None, "where": where})
     return records
+
+
+def coco_rows(coco, path, key, fields):
+    """A COCO file's list `key`, each row a dict with `fields` -> the rows, or a one-line error."""
+    rows = coco.get(key, []) if isinstance(coco, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(fields) <= set(r) for r in rows):
+        raise UserError(f"{path}: \"{key}\" must be a list of objects with {', '.join(fields)}")
+    return rows
 
 
 def from_coco(path):
     coco = read_json(path)
-    names = {im["id"]: im["file_name"] for im in coco.get("images", [])}
+    names = {im["id"]: im["file_name"] for im in coco_rows(coco, path, "images", ("id", "file_name"))}
     captions = {}
-    for a in coco.get("annotations", []):
-        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    for a in coco_rows(coco, path, "annotations", ("image_id", "caption")):
+        if a["caption"] is not None:  # a null caption is no caption
+            text = text_of(a["caption"], f"{path}, image {a['image_id']}", "a caption")
+            captions.setdefault(a["image_id"], []).append(text)
     objects = {}
     instances = Path(path).with_name(Path(path).name.replace("captions_", "instances_"))
     if instances.exists():
         inst = read_json(instances)
-        category = {c["id"]: c["name"] for c in inst.get("categories", [])}
-        for a in inst.get("annotations", []):
+        category = {c["id"]: c["name"] for c in coco_rows(inst, instances, "categories", ("id", "name"))}
+        for a in coco_rows(inst, instances, "annotations", ("image_id", "category_id")):
+            if a["category_id"] not in category:
+                raise UserError(f"{instances}: category_id {a['category_id']} is not among its categories")
             objects.setdefault(a["image_id"], set()).add(category[a["category_id"]])
-    return [{"file_name": names[i], "captions": captions.get(i, []), "qa": [],
-             "objects": sorted(objects[i]) if instances.exists() else None, "split": None,
-             "where": f"{path}, image {i}"} for i in sorted(names, key=names.get)]
+    return [{"file_name": names[i], "captions": captions.get(i, []), "qa": [],  # no instance: no object
+             "objects": sorted(objects.get(i, ())) if instances.exists() else None, "split": None,
+             "where": f"{path}, image {i}"} for i in sorted(names, key=lambda i: str(names[i]))]
 
 
 def read_folder(folder):
@@ -99,7 +142,8 @@ def read_folder(folder):
     if not folder.is_dir():
         raise UserError(f"--data_path={folder}: no such folder")
     coco = sorted(folder.glob("captions_*.json"))
-    llava = sorted(p for p in folder.glob("*.json") if not p.name.startswith(("captions_", "instances_")))
+    llava = sorted(p for p in folder.glob("*.json")  # found by role: not COCO's, not the synonyms
+                   if not p.name.startswith(("captions_", "instances_")) and p.name != "synonyms.json")
     if (folder / "metadata.jsonl").exists():
         records = from_metadata(folder / "metadata.jsonl")
     elif coco:
@@ -108,12 +152,19 @@ def read_folder(folder):
         records = from_llava(llava[0])
     else:
         raise UserError(f"{folder} has no metadata.jsonl, LLaVA *.json or COCO captions_*.json")
+    root = folder.resolve()
     for r in records:
-        if not (folder / r["file_name"]).is_file():
+        if not isinstance(r["file_name"], str) or len(r["file_name"]) > 1000:
+            raise UserError(f"{r['where']}: the image's file name must be a path inside {folder}")
+        image = (folder / r["file_name"]).resolve()  # symbolic links followed: where it really is
+        if not image.is_relative_to(root):
+            raise UserError(f"{r['where']}: {r['file_name']} lies outside {folder}, where its images must be")
+        if not image.is_file():
             raise UserError(f"{r['where']}: {r['file_name']} does not exist in {folder}")
         objs = r["objects"]
-        if objs is not None and not (isinstance(objs, list) and all(isinstance(o, str) for o in objs)):
-            raise UserError(f"{r['where']}: \"objects\" must be a list of strings")
+        named = isinstance(objs, list) and all(isinstance(o, str) and o.strip() for o in objs)
+        if objs is not None and not named:
+            raise UserError(f"{r['where']}: \"objects\" must be a list of non-empty strings")
     usable = [r for r in records if r["captions"] or r["qa"]]
     if not usable:
         raise UserError(f"{folder}: no caption and no question-answer pair to train on")
@@ -140,13 +191,7 @@ def read_pope_file(path, records):
     if not Path(path).is_file():
         raise UserError(f"--pope_file={path}: no such file")
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            q = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n}: not a JSON line") from None
-        if q is None:
-            continue
+    for n, q in json_lines(path):
         if not isinstance(q, dict) or not {"question_id", "image", "text", "label"} <= q.keys():
             raise UserError(f"{path}:{n}: a POPE question needs question_id, image, text and label")
         if q["label"] not in ("yes", "no"):

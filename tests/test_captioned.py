@@ -54,12 +54,25 @@ def test_three_formats_read_the_same_records(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 3: not JSON"),
     ('{"file_name": "img/missing.png", "caption": "x"}', "img/missing.png does not exist"),
-    ('{"file_name": "img/0000.png", "caption": "x", "objects": "dog"}', "must be a list of strings"),
+    ('{"file_name": "img/0000.png", "caption": "x", "objects": "dog"}', "a list of non-empty strings"),
+    ('{"file_name": "img/0000.png", "caption": "x", "objects": ["dog", ""]}', "a list of non-empty strings"),
     ('{"caption": "x"}', 'needs a "file_name"'),
     ('{"file_name": "img/0000.png", "caption": "x", "split": "test"}', "must be train or val"),
+    ('{"file_name": "/etc/hostname", "caption": "x"}', "line 3: /etc/hostname lies outside"),
+    ('{"file_name": "../outside.png", "caption": "x"}', "line 3: ../outside.png lies outside"),
+    ('{"file_name": "img/link.png", "caption": "x"}', "line 3: img/link.png lies outside"),
+    ('{"file_name": "img/0000.png", "caption": 7}', "the caption must be a non-empty string, not 7"),
+    ('{"file_name": "img/0000.png", "caption": ["a", "b"]}', "the caption must be a non-empty string"),
+    ('{"file_name": "img/0000.png", "caption": NaN}', "the caption must be a non-empty string, not NaN"),
+    ('{"file_name": "img/0000.png", "qa": [{"q": ["is it?"], "a": "yes"}]}', "a question must be a non"),
+    ('{"file_name": "' + "x" * 5000 + '.png", "caption": "x"}', "file name must be a path inside"),
+    ("[" * 100000 + "]" * 100000, "line 3: not JSON"),
 ])
 def test_bad_metadata_is_one_clear_error(tmp_path, line, message):
-    rows = shapes_folder(tmp_path)
+    rows = shapes_folder(tmp_path / "f")
+    tmp_path = tmp_path / "f"  # the user's folder; beside it, a picture it must not read
+    Image.new("RGB", (8, 8)).save(tmp_path.parent / "outside.png")
+    (tmp_path / "img/link.png").symlink_to(tmp_path.parent / "outside.png")
     good = [json.dumps({"file_name": f, "caption": c}) for f, c, _ in rows]
     (tmp_path / "metadata.jsonl").write_text("\n".join(good[:2] + [line] + good[2:]))
     with pytest.raises(UserError, match=message):
@@ -217,3 +230,118 @@ def test_a_folder_that_cannot_be_read_is_one_line(tmp_path):
         p = run(*args, *extra, check=False)
         assert p.returncode == 2 and words in p.stderr and p.stdout == "" and len(p.stderr.splitlines()) == 1
         assert not (tmp_path / "run").exists()
+
+
+def folder_state(folder):
+    """Every file under folder, by content -> {relative path: bytes}."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_exporter_never_overwrites_and_leaves_no_half_folder(tmp_path, monkeypatch):
+    import errno
+    from data import export as exporter
+    from tests.conftest import run
+    held = tmp_path / "held"
+    metadata_folder(held, n=12)
+    before = folder_state(held)
+    p = run("-m", "data.export", str(held), "--n_train=12", "--n_val=3", "--img_size=32", check=False)
+    assert p.returncode == 2 and "already holds files" in p.stderr and p.stdout == ""
+    assert folder_state(held) == before  # 12 records stay 12, no image replaced
+    saved = []
+
+    def disk_full_after_five(image, path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, path, *args, **kwargs)
+    real_save = exporter.Image.Image.save
+    monkeypatch.setattr(exporter.Image.Image, "save", disk_full_after_five)
+    with pytest.raises(UserError, match="No space left on device; nothing was written there"):
+        exporter.export(tmp_path / "new", exporter.ExportConfig(n_train=12, n_val=3, img_size=32), False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held"]  # no folder, no half of one
+    (tmp_path / "empty").mkdir()  # an empty folder may be exported into
+    exporter.export(tmp_path / "empty", exporter.ExportConfig(n_train=12, n_val=3, img_size=32), False)
+    assert len(read_folder(tmp_path / "empty")) == 15
+
+
+def test_an_export_killed_midway_leaves_no_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    out = tmp_path / "world"
+    p = subprocess.Popen([sys.executable, "-m", "data.export", str(out), "--n_train=20000", "--n_val=10"],
+                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("exported train: 5000/"):
+            p.send_signal(signal.SIGKILL)  # no handler runs: the rename at the end never comes
+            break
+    p.wait(timeout=60)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [(["--n_train=-5"], "n_train=-5 must be at least 1"),
+                                         (["--n_val=0"], "n_val=0 must be at least 1"),
+                                         (["--cooccur=2"], "cooccur=2.0 must be in [0, 1]"),
+                                         (["--img_size=0"], "img_size=0 must be at least 16"),
+                                         (["--seed=-1"], "seed=-1 must be at least 0"),
+                                         (["--n_train=4", "--n_val=5"], "a folder needs at least 10")])
+def test_exporter_settings_are_checked_first(tmp_path, args, words):
+    from tests.conftest import run
+    p = run("-m", "data.export", str(tmp_path / "w"), *args, check=False)
+    assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.stdout == "" and not (tmp_path / "w").exists()
+
+
+def test_valid_odd_metadata_is_read_as_its_spec_says(tmp_path):
+    rows = shapes_folder(tmp_path)
+    first = {"file_name": rows[0][0], "caption": "a red circle\u2028beside a square"}  # U+2028 in a string
+    lines = [json.dumps(first, ensure_ascii=False)]
+    lines += [json.dumps({"file_name": f, "caption": c}) for f, c, _ in rows[1:]]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # with a BOM
+    records = read_folder(tmp_path)
+    assert len(records) == 20 and records[0]["captions"] == ["a red circle\u2028beside a square"]
+    (tmp_path / "metadata.jsonl").write_bytes("\n".join(lines).encode("utf-16"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        read_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.jsonl").mkdir()
+    with pytest.raises(UserError, match="metadata.jsonl is not a file"):
+        read_folder(tmp_path)
+
+
+def test_llava_and_coco_optional_parts_are_optional(tmp_path):
+    rows = shapes_folder(tmp_path / "llava")
+    items = [{"image": f, "conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                            {"from": "gpt", "value": c}]} for f, c, _ in rows]
+    (tmp_path / "llava/data.json").write_text(json.dumps(items))
+    (tmp_path / "llava/synonyms.json").write_text(json.dumps({"ball": "circle"}))  # sorts first: not the data
+    assert len(read_folder(tmp_path / "llava")) == 20
+    for bad, words in (({"image": rows[0][0], "conversations": "hi"}, "item 0 is not"),
+                       ({"image": [rows[0][0]], "conversations": []}, "item 0 is not"),
+                       ({"image": rows[0][0], "conversations": [{"from": "human"},
+                                                                {"from": "gpt", "value": "x"}]},
+                        "a human turn's value must be a non-empty string")):
+        (tmp_path / "llava/data.json").write_text(json.dumps([bad] + items[1:]))
+        with pytest.raises(UserError, match=words):
+            read_folder(tmp_path / "llava")
+    rows = shapes_folder(tmp_path / "coco")
+    images = [{"id": i, "file_name": f} for i, (f, _, _) in enumerate(rows)]
+    notes = [{"image_id": i, "caption": c} for i, (_, c, _) in enumerate(rows)]
+    notes.append({"image_id": 0, "caption": None})  # a null caption: no caption
+    (tmp_path / "coco/captions_x.json").write_text(json.dumps({"images": images, "annotations": notes}))
+    cats = [{"id": 1, "name": "circle"}]
+    (tmp_path / "coco/instances_x.json").write_text(json.dumps({"categories": cats, "annotations": [
+        {"image_id": 3, "category_id": 1}]}))  # only image 3 has an instance: the others have no objects
+    coco = read_folder(tmp_path / "coco")
+    assert [r["objects"] for r in coco][:4] == [[], [], [], ["circle"]]
+    assert coco[0]["captions"] == [rows[0][1]]
+    (tmp_path / "coco/instances_x.json").write_text(json.dumps({"categories": cats, "annotations": [
+        {"image_id": 3, "category_id": 9}]}))
+    with pytest.raises(UserError, match="category_id 9 is not among its categories"):
+        read_folder(tmp_path / "coco")
+    (tmp_path / "coco/captions_x.json").write_text(json.dumps({"images": [{"file_name": "a.png"}],
+                                                               "annotations": []}))
+    with pytest.raises(UserError, match="\"images\" must be a list of objects with id, file_name"):
+        read_folder(tmp_path / "coco")

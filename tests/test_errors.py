@@ -180,7 +180,7 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*T, "--dataset=cifar10", "--data_path={notar}"], "not a readable cifar-10"),
     ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_json}"], "jsonl, line 3: not JSON"),
     ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_missing}"], "nope.png does not exist"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_objects}"], "must be a list of strings"),
+    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_objects}"], "a list of non-empty strings"),
     ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_notext}"], "no caption and no question"),
     ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_few}"], "at least 10 are needed"),
     ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_broken}"], "cannot read image"),
