@@ -365,7 +365,7 @@ def main(argv):
     check_study(study, out_dir)
     model, cfg, ckpt = study_model(study.ckpt, out_dir, "folder" if study.data_path else "biased", device,
                                    study.data_path)
-    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     stats = object_stats(data.objects("train"), len(data.vocab))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(name, model, m) for name, m in METHODS.items()]

@@ -176,7 +176,7 @@ def sample_vlm(opts):
     import vlm
     module, model, cfg, ckpt = load("vlm", opts)
     device, tok = next(model.parameters()).device, model.tok
-    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     images, names, idx = scene_images(opts, cfg, data)
     imgs = to_tensor(images, device)
     prompt = opts.prompt or CAPTION_PROMPT

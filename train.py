@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lib.checkpoints import (check_out_dir, check_resume_shapes, load_checkpoint, lock_out_dir, save_atomic,
-                             without_init)
+                             saved_tokenizer, without_init)
 from lib.common import (StopSignals, UserError, at_least, count_flops, device_name, fmt_mib, fmt_time,
                         load_idea, one_of, peak_flops, peak_memory_mib, pick_device, plot_losses,
                         setup_distributed, teardown_distributed)
@@ -101,8 +101,9 @@ class Progress:
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "monitor": []})
 
 
-def save_checkpoint(names, out_dir, idea, model, optimizer, scaler, tc, mc, progress, run):
-    """Write model, optimizer, configs, progress and every rank's RNG state to out_dir/name, atomically."""
+def save_checkpoint(names, out_dir, idea, model, optimizer, scaler, tc, mc, progress, run, carried):
+    """Write model, optimizer, configs, progress and every rank's RNG state to out_dir/name, atomically;
+    carried: what the model needs to be read (its tokenizer, and the fingerprint of its data)."""
     rng = {"torch": [torch.get_rng_state()],
            "cuda": [torch.cuda.get_rng_state()] if run.device_type == "cuda" else []}
     if run.ddp:  # every rank's stream, so a resumed DDP run continues exactly too
@@ -114,7 +115,8 @@ def save_checkpoint(names, out_dir, idea, model, optimizer, scaler, tc, mc, prog
         ckpt = {"idea": idea, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "config": {"train": asdict(tc), "model": asdict(mc)},
                 "iter": progress.iter, "data_position": progress.iter * tc.grad_accum * run.world,
-                "best_val_loss": progress.best_val_loss, "rng": rng, "history": progress.history}
+                "best_val_loss": progress.best_val_loss, "rng": rng, "history": progress.history,
+                **carried}
         for n in names:
             save_atomic(ckpt, Path(out_dir) / n)
 
@@ -210,7 +212,9 @@ def build(module, tc, mc, run, resume_ckpt):
     data = module.Data(mc, seed=tc.seed, verbose=run.master)
     if run.ddp and run.master:
         dist.barrier()
-    model = module.Model(mc if resume_ckpt is None else without_init(mc))  # a resume has its weights
+    if resume_ckpt is not None and hasattr(data, "read_with"):
+        data.read_with(resume_ckpt)  # the words it was trained with, whatever the data holds now
+    model = module.Model(mc if resume_ckpt is None else without_init(mc), **saved_tokenizer(resume_ckpt))
     if resume_ckpt is not None:
         check_resume_shapes(model, resume_ckpt, mc)
     model = model.to(run.device)
@@ -248,8 +252,10 @@ def train(idea, tc, mc, module, resume_ckpt=None):
     flops_per_iter = count_flops(model, data.batch("train", 0, tc.batch_size, run.device)) * tc.grad_accum
     peak = peak_flops(run.device_type)
     raw_model, model = model, wrap(model, tc, run)  # the raw one is saved and evaluated
+    carried = {"tokenizer": raw_model.tok.state() if hasattr(raw_model, "tok") else None,
+               "data_fingerprint": data.fingerprint() if hasattr(data, "fingerprint") else None}
     save = partial(save_checkpoint, out_dir=out_dir, idea=idea, model=raw_model, optimizer=optimizer,
-                   scaler=scaler, tc=tc, mc=mc, progress=progress, run=run)
+                   scaler=scaler, tc=tc, mc=mc, progress=progress, run=run, carried=carried)
     stop = StopSignals()
     run.log(f"training {tc.max_iters} iterations; {flops_per_iter / 1e9:.2f} GFLOP per iteration")
     t_start = t0 = time.time()

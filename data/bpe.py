@@ -139,17 +139,24 @@ class Tokenizer:
             return self.decode([i])
         return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace")
 
-    def save(self, path):
+    def state(self):
+        """What rebuilds this tokenizer, in plain types (a checkpoint carries it: a few KB)."""
         state = {"kind": self.kind}
         if self.kind == "char":
             state["chars"] = self.chars
         elif self.kind == "bpe":
             state["ranks"] = [b.hex() for b, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])]
-        Path(path).write_text(json.dumps(state))
+        return state
 
     @classmethod
-    def load(cls, path):
-        state = json.loads(Path(path).read_text())
+    def from_state(cls, state):
         if state["kind"] == "bpe":
             return cls("bpe", ranks={bytes.fromhex(h): i for i, h in enumerate(state["ranks"])})
         return cls(state["kind"], chars=state.get("chars"))
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.state()))
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_state(json.loads(Path(path).read_text()))

@@ -303,6 +303,12 @@ class FolderPairs(Pairs):
         self.vocab = sorted(names)
         self.synonyms = read_synonyms(Path(cfg.data_path) / "synonyms.json", self.vocab)
         self.asks = existence_phrasing(records)
+        texts = [(r["file_name"], r["captions"], r["qa"], r["objects"]) for r in records]
+        self._fingerprint = hashlib.sha1(json.dumps(texts).encode()).hexdigest()[:16]
+
+    def fingerprint(self):
+        """The folder's images (by name) and everything said of them."""
+        return self._fingerprint
 
     def images(self, split):
         return self._images[split]

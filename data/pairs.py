@@ -5,10 +5,13 @@ and ended with end-of-text, image_index (B,): the image each text row reads}. Se
 an image (its caption and its questions), so the vision tower reads each image once. A batch is a
 pure function of its position, so the training loop's resume and DDP need no sampler state.
 """
+import sys
+
 import numpy as np
 import torch
 
 from data import stream_indices, text, to_tensor
+from data.bpe import Tokenizer
 from data.shapes import BACKGROUND, SHAPES, ShapesSplit, World, caption, exist_question, join_words, questions
 
 CAPTION_PROMPT = "describe the image."
@@ -51,6 +54,21 @@ class Pairs:
 
     def n_images(self, split):
         return len(self.images(split))
+
+    def fingerprint(self):
+        """What identifies the texts and images (None: the shapes world, made by its code)."""
+        return None
+
+    def read_with(self, ckpt):
+        """Encode texts with the tokenizer a trained model carries (its checkpoint's), so its token ids
+        mean what they meant in training; where the data changed since, say so in one line."""
+        if ckpt.get("tokenizer") is None:  # written before checkpoints carried their words
+            return self
+        if ckpt.get("data_fingerprint") not in (None, self.fingerprint()):
+            print(f"note: {self.cfg.data_path} changed since the model was trained on it; the model reads it "
+                  f"with its own tokenizer", file=sys.stderr, flush=True)
+        self.tok = Tokenizer.from_state(ckpt["tokenizer"])
+        return self
 
     def batch(self, split, pos, batch_size, device):
         n = self.n_images(split)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from data.bpe import Tokenizer
 from lib.common import UserError, check_writable, load_idea
 
 CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
@@ -87,13 +88,22 @@ def config_from(module, ckpt):
         raise UserError(f"the checkpoint's config does not fit this code ({e})") from None
 
 
+def saved_tokenizer(ckpt):
+    """The words a checkpoint's model was trained with -> {"tokenizer": Tokenizer} for its Model, or {}
+    (an idea without words, or a checkpoint from before checkpoints carried them)."""
+    if ckpt is None or ckpt.get("tokenizer") is None:
+        return {}
+    return {"tokenizer": Tokenizer.from_state(ckpt["tokenizer"])}
+
+
 def load_model(idea, path, device="cpu"):
-    """-> (module, model in eval mode on `device`, its Config, the checkpoint)."""
+    """-> (module, model in eval mode on `device`, its Config, the checkpoint). The model reads with the
+    tokenizer it was trained with, whatever its data holds now."""
     module = load_idea(idea)
     ckpt = load_checkpoint(path, idea)
     cfg = config_from(module, ckpt)
     try:
-        model = module.Model(without_init(cfg))
+        model = module.Model(without_init(cfg), **saved_tokenizer(ckpt))
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"the checkpoint does not fit this code: {str(e).splitlines()[0]}") from None

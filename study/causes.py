@@ -392,7 +392,7 @@ def measure_cell(map_cfg, folder, device):
         if saved.get("ckpt_mtime_ns") == stamp and saved.get("n_scenes") == map_cfg.n_scenes:
             return saved["figures"]
     _, model, cfg, ckpt = load_model("vlm", folder / "ckpt.pt", device)
-    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     figures = cell_figures(model, data, map_cfg, device)
     tmp = cached.with_suffix(".tmp")
     saved = {"n_scenes": map_cfg.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}
@@ -404,7 +404,7 @@ def measure_cell(map_cfg, folder, device):
 def one_model(map_cfg, device, out_dir):
     """BEAF and the layer reading of one VLM, per evaluation seed -> beaf_layers.json, layers.png (mean)."""
     _, model, cfg, ckpt = load_model("vlm", map_cfg.ckpt, device)
-    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     beafs, reports = [], []
     for seed in range(map_cfg.seeds):
         edits = beaf_edits(data.shapes["val"], map_cfg.n_scenes, seed)

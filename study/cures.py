@@ -297,7 +297,7 @@ def main(argv):
     model, cfg, ckpt = study_model(cc.ckpt, out_dir, "biased", device)
     models = {"unbiased": study_model(cc.control_ckpt, out_dir, "unbiased", device)[0],
               "halved": study_model(cc.halved_ckpt, out_dir, "halved", device)[0]}
-    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     stats = shape_stats(data.shapes["train"])
     results, t_start = {}, time.time()
     for seed in range(cc.seeds):

@@ -67,6 +67,8 @@ def evaluate_again(out_dir, idea="vlm"):
     from lib.checkpoints import load_model
     module, model, cfg, ckpt = load_model(idea, Path(out_dir) / "ckpt.pt")
     data = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    if hasattr(data, "read_with"):
+        data.read_with(ckpt)  # the words the model was trained with
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -345,3 +345,36 @@ def test_llava_and_coco_optional_parts_are_optional(tmp_path):
                                                                "annotations": []}))
     with pytest.raises(UserError, match="\"images\" must be a list of objects with id, file_name"):
         read_folder(tmp_path / "coco")
+
+
+def test_a_folder_model_keeps_its_words_after_the_folder_changes(tmp_path):
+    """The checkpoint carries its tokenizer and its data's fingerprint: after one caption's word is
+    edited, sample.py and a resume read with the saved tokenizer and say, in one line, that the folder
+    changed."""
+    import torch
+    from data.bpe import Tokenizer
+    from data.captioned import folder_tokenizer
+    from tests.conftest import VLM_TINY, run
+    metadata_folder(tmp_path / "f")
+    out = tmp_path / "run"
+    common = [*[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+              f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--eval_iters=1"]
+    run("train.py", "vlm", *common, "--max_iters=2", f"--out_dir={out}")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    trained = folder_tokenizer(tmp_path / "f", cache_dir=tmp_path / "cache")
+    assert ckpt["tokenizer"] == trained.state() and len(ckpt["data_fingerprint"]) == 16
+    meta = tmp_path / "f/metadata.jsonl"
+    lines = meta.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["caption"] = "zebra " * 30 + first["caption"]  # new words: the folder's BPE would change
+    meta.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    now = folder_tokenizer(tmp_path / "f", cache_dir=tmp_path / "cache")
+    assert now.state() != trained.state()  # retrained from the folder, the ids would differ
+    p = run("sample.py", "vlm", f"--out_dir={out}", "--ckpt=ckpt.pt", "--split=val", "--n=2")
+    assert p.stderr.count("changed since the model was trained on it") == 1 and p.stdout.count("val ") >= 2
+    p = run("train.py", "vlm", "--init_from=resume", "--max_iters=3", f"--out_dir={out}")
+    assert "changed since the model was trained on it" in p.stderr
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["iter"] == 3 and resumed["tokenizer"] == ckpt["tokenizer"]  # the words it started with
+    saved = Tokenizer.from_state(resumed["tokenizer"])
+    assert saved.encode(" a red circle") == trained.encode(" a red circle")
