@@ -173,13 +173,32 @@ def study_args(name, data_path=""):
     return [str(STUDY_CONF), *world]
 
 
+def vlm_configs(args):
+    """`train.py vlm ARGS`'s configs, every key and value checked -> (TrainConfig, vlm.Config)."""
+    import train  # the study's deliberate use of the loop: it trains its own models
+    _, tc, mc, _ = train.configs("vlm", args)
+    return tc, mc
+
+
+def check_study_checkpoint(path, world=True):
+    """A VLM the study can ask, or a one-line error: it answers (the prefix objective, not mlm) and, with
+    world, it was trained on the shapes world (the study's scenes are the world's) -> its model config."""
+    model = load_checkpoint(path, "vlm")["config"]["model"]
+    if model["objective"] != "prefix":
+        raise UserError(f"{path} is an --objective={model['objective']} model; the study asks questions of "
+                        f"one that answers (--objective=prefix)")
+    if world and model["dataset"] != "shapes":
+        raise UserError(f"{path} was trained on the folder {model['data_path']}; here the shapes world's "
+                        f"model is needed")
+    return model
+
+
 def study_n_eval(path, out_dir, name):
     """How many val scenes the study's model will have, known before anything trains."""
-    import train  # the study's deliberate use of the loop: it trains its own models
     path = Path(path or Path(out_dir) / name / "ckpt.pt")
     if path.exists():
-        return load_checkpoint(path, "vlm")["config"]["model"]["n_eval"]
-    return train.configs("vlm", study_args(name))[2].n_eval
+        return check_study_checkpoint(path)["n_eval"]
+    return vlm_configs(study_args(name))[1].n_eval
 
 
 def train_or_finish(folder, args, what):

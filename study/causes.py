@@ -20,6 +20,7 @@
 """
 import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 
 import vlm
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
-from hallucination import StudyConfig, ask, chair_run, pope_run, train_or_finish
-from lib.checkpoints import load_model
+from hallucination import (StudyConfig, ask, chair_run, check_study_checkpoint, pope_run, train_or_finish,
+                           vlm_configs)
+from lib.checkpoints import load_checkpoint, load_model
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
 from study.decoding import METHODS
@@ -318,14 +320,32 @@ class MapConfig:
     def __post_init__(self):
         at_least(self, 1, "seeds", "max_iters", "n_scenes")
         for key in ("cooccur", "noise"):
+            given = getattr(self, key)
             try:
-                values = [float(v) for v in getattr(self, key).split(",")]
+                values = [float(v) for v in given.split(",")]
             except ValueError:
-                raise UserError(f"--{key}={getattr(self, key)}: give numbers separated by commas") from None
-            if any(v < 0 or (key == "cooccur" and v > 1) for v in values):
-                raise UserError(f"--{key}={getattr(self, key)}: out of range")
-        if self.config and not Path(self.config).is_file():
-            raise UserError(f"--config={self.config}: no such file")
+                raise UserError(f"--{key}={given}: give numbers separated by commas") from None
+            if not all(math.isfinite(v) and v >= 0 and (key == "noise" or v <= 1) for v in values):
+                allowed = "[0, 1]" if key == "cooccur" else "0 or more"
+                raise UserError(f"--{key}={given}: out of range ({allowed})")
+            if len(set(values)) < len(values):
+                raise UserError(f"--{key}={given} names a value twice: one model would count as two runs")
+        if self.config:
+            vlm_configs([self.config])  # every key of the file checked now, not in the first cell
+
+
+def check_cells(map_cfg):
+    """Before any cell trains: a cell already in out_dir is reused only if it was made by this recipe."""
+    for cooccur, noise, seed in cells(map_cfg):
+        path = cell_dir(map_cfg, cooccur, noise, seed) / "ckpt.pt"
+        if path.exists():
+            model = check_study_checkpoint(path)
+            budget = load_checkpoint(path, "vlm")["config"]["train"]["max_iters"]
+            recipe = (budget, model["cooccur"], model["noise"])
+            if recipe != (map_cfg.max_iters, float(cooccur), float(noise)):
+                raise UserError(f"{path.parent} holds a model of another recipe (max_iters={budget}, cooccur="
+                                f"{model['cooccur']}, noise={model['noise']}); you asked --max_iters="
+                                f"{map_cfg.max_iters}: use another --out_dir, or move that cell")
 
 
 def cell_dir(map_cfg, cooccur, noise, seed):
@@ -429,11 +449,17 @@ def one_model(map_cfg, device, out_dir):
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(MapConfig), argv)
-    map_cfg = MapConfig(**parse_overrides(argv, MapConfig))
+    given = parse_overrides(argv, MapConfig)
+    map_cfg = MapConfig(**given)
     device, out_dir = pick_device(map_cfg.device), Path(map_cfg.out_dir)
     check_writable(out_dir)
     if map_cfg.ckpt:
+        unused = [k for k in ("cooccur", "noise", "max_iters", "config") if k in given]
+        if unused:
+            raise UserError(f"--{unused[0]} shapes the map's cells; with --ckpt there is no map to train")
+        check_study_checkpoint(map_cfg.ckpt)
         return one_model(map_cfg, device, out_dir)
+    check_cells(map_cfg)
     grid, t0 = {}, time.time()
     for cooccur, noise, seed in cells(map_cfg):
         folder = train_cell(map_cfg, cooccur, noise, seed)

@@ -30,7 +30,8 @@ import vlm
 from data import to_tensor
 from data.pairs import CAPTION_PROMPT, blank_like, row_images
 from data.shapes import PARTNER, SHAPES, caption, exist_question
-from hallucination import COLUMNS, StudyConfig, check_study, plot_bars, run_method, study_model, table
+from hallucination import (COLUMNS, StudyConfig, check_study, check_study_checkpoint, plot_bars, run_method,
+                           study_args, study_model, table, vlm_configs)
 from lib.common import UserError, at_least, pick_device
 from lib.config import cli, config_help, parse_overrides, usage
 from study.decoding import METHODS
@@ -288,12 +289,28 @@ CURE_COLUMNS = COLUMNS + [("partner_yes", "partner yes"), ("x_greedy", "x greedy
                           ("train_min", "train min")]
 
 
+def check_controls(cc, out_dir):
+    """Before any cure runs: each control is a model the study can ask, and reads images of the study
+    model's size (the scenes are drawn once, at that size)."""
+    study = Path(cc.ckpt or out_dir / "biased/ckpt.pt")
+    if study.exists():
+        size = check_study_checkpoint(study)["img_size"]
+    else:  # trained first, by the study's recipe
+        size = vlm_configs(study_args("biased"))[1].img_size
+    for name, given in (("unbiased", cc.control_ckpt), ("halved", cc.halved_ckpt)):
+        path = Path(given or out_dir / name / "ckpt.pt")
+        if path.exists() and check_study_checkpoint(path)["img_size"] != size:
+            raise UserError(f"{path} reads {check_study_checkpoint(path)['img_size']} px images, the study "
+                            f"model {size} px: a control must match the model it controls")
+
+
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(CureConfig), argv)
     cc = CureConfig(**parse_overrides(argv, CureConfig))
     device, out_dir = pick_device(cc.device), Path(cc.out_dir)
     check_study(cc, out_dir)
+    check_controls(cc, out_dir)
     model, cfg, ckpt = study_model(cc.ckpt, out_dir, "biased", device)
     models = {"unbiased": study_model(cc.control_ckpt, out_dir, "unbiased", device)[0],
               "halved": study_model(cc.halved_ckpt, out_dir, "halved", device)[0]}

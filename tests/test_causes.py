@@ -217,3 +217,40 @@ def test_layer_report_finds_the_layer_that_knows(tiny, monkeypatch):
     assert report["lens, all"] == pytest.approx([n_true / len(items)] * len(probe))
     assert report["lens, missing partners"] == [0.0] * len(probe)
     assert report["n_wrong"] == len(items) - n_true
+
+
+def crafted(ckpt, path, **model):
+    """A copy of a checkpoint whose model config says otherwise (only what is checked before loading)."""
+    saved = torch.load(ckpt, weights_only=True)
+    saved["config"]["model"].update(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path)
+    return path
+
+
+def test_the_map_and_the_cures_check_everything_before_any_work(tmp_path, tiny_vlm_ckpt):
+    mlm_model = crafted(tiny_vlm_ckpt, tmp_path / "mlm/ckpt.pt", objective="mlm")
+    folder_model = crafted(tiny_vlm_ckpt, tmp_path / "folder/ckpt.pt", dataset="folder", data_path="photos")
+    wide = crafted(tiny_vlm_ckpt, tmp_path / "wide/ckpt.pt", img_size=64)
+    (tmp_path / "typo.conf").write_text("n_layr = 2\n")
+    old = tmp_path / "map"  # a map whose cell was trained for another budget
+    crafted(tiny_vlm_ckpt, old / "cooccur0.9-noise0.3-seed0/ckpt.pt", cooccur=0.9, noise=0.3)
+    out = f"--out_dir={tmp_path / 'out'}"
+    rows = [(["-m", "study.causes", "--noise=0,nan", out], "--noise=0,nan: out of range"),
+            (["-m", "study.causes", "--cooccur=inf", out], "--cooccur=inf: out of range"),
+            (["-m", "study.causes", "--cooccur=0.9,0.90", out], "names a value twice"),
+            (["-m", "study.causes", f"--config={tmp_path / 'typo.conf'}", out], "did you mean --n_layer"),
+            (["-m", "study.causes", f"--ckpt={tiny_vlm_ckpt}", "--noise=0.2", out], "there is no map"),
+            (["-m", "study.causes", f"--ckpt={mlm_model}", out], "is an --objective=mlm model"),
+            (["-m", "study.causes", "--cooccur=0.9", "--noise=0.3", "--max_iters=5", f"--out_dir={old}"],
+             "holds a model of another recipe (max_iters=2"),
+            (["hallucination.py", f"--ckpt={tiny_vlm_ckpt}", f"--control_ckpt={folder_model}", "--n_scenes=6",
+              out], "was trained on the folder photos"),
+            (["-m", "study.cures", f"--ckpt={tiny_vlm_ckpt}", f"--control_ckpt={tiny_vlm_ckpt}",
+              "--n_scenes=6", f"--halved_ckpt={wide}", out], "reads 64 px images, the study model 32 px")]
+    for args, words in rows:
+        p = run(*args, check=False)
+        one_line = len(p.stderr.strip().splitlines()) == 1
+        assert p.returncode == 2 and words in p.stderr and one_line, (args, p.stderr)
+        assert p.stdout == "" and not (tmp_path / "out").exists(), args
+    assert sorted(p.name for p in old.iterdir()) == ["cooccur0.9-noise0.3-seed0"]  # the old cell untouched
