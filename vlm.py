@@ -17,6 +17,7 @@ captions on held-out scenes of the biased `val` split and of the `ood` split, wh
 broken, and compares attribute-word accuracy with the real image against a blank one: the language
 prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
 """
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,8 +99,9 @@ train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmu
 
 def requires(cfg, out_dir):
     """--init_vision=auto: the MAE of `train.py mae` (its shapes fitted to this tower) beside out_dir,
-    as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another -> (the config with that path
-    as its init_vision, the runs train.py makes first [(idea, args)]: none where a finished one is there)."""
+    as out-mae/ckpt.pt, or out-mae-<shapes> when out-mae holds another; for a user's folder, an MAE of
+    the folder's own images, out-mae-folder-<folder>-<shapes> -> (the config with that path as its
+    init_vision, the runs train.py makes first [(idea, args)]: none where a finished one is there)."""
     if cfg.init_vision == "auto" and cfg.vision_n_layer == 0:  # encoder-free: no tower to start
         return replace(cfg, init_vision="none"), []
     if cfg.init_vision != "auto":
@@ -107,13 +109,22 @@ def requires(cfg, out_dir):
     mae_cfg = mae_config(cfg)
     shapes = {k: getattr(mae_cfg, k) for k in ("img_size", "patch_size", "n_layer", "n_head", "n_embd",
                                           "mlp_ratio")}
-    args = [f"--{k}={v}" for k, v in shapes.items()] + [f"--n_train={cfg.n_train}"]
+    args = [f"--{k}={v}" for k, v in shapes.items()]
     args += [f"--max_iters={cfg.mae_max_iters}"] if cfg.mae_max_iters else []
-    key = "-".join(str(v) for v in shapes.values())
-    for folder in (Path(out_dir).parent / "out-mae", Path(out_dir).parent / f"out-mae-{key}"):
+    key, here = "-".join(str(v) for v in shapes.values()), Path(out_dir).parent
+    if cfg.dataset == "folder":  # the tower learns to see from the folder's own pictures
+        data = str(Path(cfg.data_path).resolve())
+        shapes.update(dataset="folder", data_path=data)
+        args += ["--dataset=folder", f"--data_path={data}"]
+        folders = [here / f"out-mae-folder-{hashlib.sha1(data.encode()).hexdigest()[:8]}-{key}"]
+    else:
+        shapes["dataset"] = "shapes"
+        args += [f"--n_train={cfg.n_train}"]
+        folders = [here / "out-mae", here / f"out-mae-{key}"]
+    for folder in folders:
         path = folder / "ckpt.pt"
         if not path.exists() or all(load_checkpoint(path, "mae")["config"]["model"].get(k) == v
-                                    for k, v in shapes.items()):  # none yet, or one of these shapes
+                                    for k, v in shapes.items()):  # none yet, or one of these shapes and data
             left = run_left("mae", args, folder)
             return replace(cfg, init_vision=str(path)), [(left[0], left[1:])] if left else []
     raise UserError(f"{folder} holds an MAE of other shapes than this tower; move it, or give "
@@ -253,7 +264,7 @@ class VLM(nn.Module):
     def start(self, images, prompt, answer=None, image_index=None, layers=False):
         """Read [image, prompt, answer so far] -> (logits (B, V) for the next answer token, state).
         Each row of the batch has its own cache row, so branches of one decoding method (a clean and
-        a noised image, say) run as one batch, and rows can join a batch late (cat_states).
+        a noised image, say) run as one batch, and rows can join a batch late (decoding.cat_states).
         layers=True: state["layers"] holds the per-layer states (run's states), step by step."""
         answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
         x, key_valid, n_prefix = self.sequence(self.image_tokens(images, image_index), prompt, answer)
@@ -322,15 +333,6 @@ def answer_targets(model, images, prompt, answer, index):
         labels.append(a[a != pad])
         text_rows.append(rows[:, None].expand_as(a)[a != pad])
     return torch.cat(logits)[None], torch.cat(labels)[None], torch.cat(text_rows)
-
-
-def cat_states(a, b):
-    """Two generation states at the same position -> one, rows of a then rows of b."""
-    caches = []
-    for cache_a, cache_b in zip(a["caches"], b["caches"]):  # one per layer: keys and values
-        caches.append({k: torch.cat([cache_a[k], cache_b[k]]) for k in cache_a})
-    return {"caches": caches, "key_valid": torch.cat([a["key_valid"], b["key_valid"]]),
-            "pos": torch.cat([a["pos"], b["pos"]])}
 
 
 def Data(cfg, seed=0, verbose=True):

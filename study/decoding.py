@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-import vlm
 from data.pairs import blank_like
 from mlm import gumbel_noise
 
@@ -98,6 +97,16 @@ def transform(img, k):
     if k == 1:
         return img.flip(-2)
     return torch.rot90(img, k - 1, (-2, -1))
+
+
+def cat_states(a, b):
+    """Two generation states (VLM.start's) at the same position -> one, rows of a then rows of b: how a
+    second-branch row joins the batch late."""
+    caches = []
+    for cache_a, cache_b in zip(a["caches"], b["caches"]):  # one per layer: keys and values
+        caches.append({k: torch.cat([cache_a[k], cache_b[k]]) for k in cache_a})
+    return {"caches": caches, "key_valid": torch.cat([a["key_valid"], b["key_valid"]]),
+            "pos": torch.cat([a["pos"], b["pos"]])}
 
 
 @dataclass(frozen=True)
@@ -185,7 +194,7 @@ def decode(model, images, prompt, method, study, max_new_tokens, gen, gate=True,
                 answer = torch.stack(out, 1)[joining] if out else prompt[joining, :0]  # (n, t)
                 imgs, index = second_images(images, joining, method.second, draws, study)
                 logits_2, state_2 = model.start(imgs, prompt[joining], answer, index)
-                rows, state = torch.cat([rows, joining]), vlm.cat_states(state, state_2)
+                rows, state = torch.cat([rows, joining]), cat_states(state, state_2)
                 logits = torch.cat([logits, logits_2])
             where = torch.zeros(B, dtype=torch.long, device=dev)
             where[rows] = B + torch.arange(len(rows), device=dev)  # each row's second-branch logits

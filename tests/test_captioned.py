@@ -378,3 +378,21 @@ def test_a_folder_model_keeps_its_words_after_the_folder_changes(tmp_path):
     assert resumed["iter"] == 3 and resumed["tokenizer"] == ckpt["tokenizer"]  # the words it started with
     saved = Tokenizer.from_state(resumed["tokenizer"])
     assert saved.encode(" a red circle") == trained.encode(" a red circle")
+
+
+def test_init_vision_auto_on_a_folder_pretrains_the_mae_on_its_images(tmp_path):
+    import torch
+    from tests.conftest import VLM_TINY, run
+    metadata_folder(tmp_path / "f")
+    tiny = {**VLM_TINY, "init_vision": "auto"}
+    p = run("train.py", "vlm", *[f"--{k}={v}" for k, v in tiny.items()], "--dataset=folder",
+            f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=1", "--eval_iters=1",
+            "--mae_max_iters=2", f"--out_dir={tmp_path / 'vlm'}")
+    first = [line for line in p.stdout.splitlines() if line.startswith("first, ")]
+    assert len(first) == 1 and f"--dataset=folder --data_path={(tmp_path / 'f').resolve()}" in first[0]
+    mae_dir = next(tmp_path.glob("out-mae-folder-*"))
+    mae_ckpt = torch.load(mae_dir / "ckpt.pt", weights_only=True)
+    assert mae_ckpt["config"]["model"]["dataset"] == "folder" and mae_ckpt["iter"] == 2
+    vlm_ckpt = torch.load(tmp_path / "vlm/ckpt.pt", weights_only=True)
+    assert vlm_ckpt["config"]["model"]["init_vision"] == str(mae_dir / "ckpt.pt")
+    assert not (tmp_path / "out-mae").exists()  # the shapes world's MAE is not the folder's

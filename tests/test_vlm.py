@@ -10,6 +10,7 @@ from data.pairs import row_images
 from data.shapes import World, caption, object_match, parse_caption, sample_scene
 from lib.checkpoints import load_checkpoint
 from lib.common import UserError
+from study.decoding import cat_states
 from tests.conftest import VLM_ARGS, VLM_TINY, evaluate_again, overfit, run, tiny_vlm
 
 
@@ -52,7 +53,7 @@ def test_start_late_and_join_a_batch_match_full_recomputation(tiny):
         logits, state = model.start(images[:1], prompt[:2], image_index=torch.zeros(2, dtype=torch.long))
         other, _ = model.start(images[:1].expand(2, -1, -1, -1), prompt[:2])  # one image read once, two rows
         assert torch.allclose(logits, other, atol=1e-5)
-        both = vlm.cat_states(state, model.start(images[2:], prompt[2:])[1])
+        both = cat_states(state, model.start(images[2:], prompt[2:])[1])
         assert torch.allclose(model.step(both, answer[:, 0])[2:], full[2:, 1], atol=1e-5)
 
 
