@@ -53,6 +53,9 @@ class Config:
         one_of(self, "dataset", ("shapes", "folder", "cifar10"))
         if self.dataset == "folder" and not self.data_path:
             raise UserError("--dataset=folder needs --data_path=DIR, the folder of your png/jpg images")
+        if self.dataset == "shapes" and self.data_path:
+            raise UserError(f"--data_path={self.data_path} does nothing in the shapes world; "
+                            f"add --dataset=folder")
         if int((self.img_size // self.patch_size) ** 2 * (1 - self.mask_ratio)) < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} leaves no visible patch of "
                             f"{(self.img_size // self.patch_size) ** 2}")

@@ -81,6 +81,9 @@ class Config:
         divisible(self, "vision_n_embd", "vision_n_head")
         one_of(self, "objective", ("prefix", "mlm"))
         one_of(self, "dataset", ("shapes", "folder"))
+        if self.dataset == "shapes" and self.data_path:
+            raise UserError(f"--data_path={self.data_path} does nothing in the shapes world; "
+                            f"add --dataset=folder")
         one_of(self, "loss_mean", ("text", "token"))
         if not 0 <= self.cooccur <= 1:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")

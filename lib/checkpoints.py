@@ -52,10 +52,12 @@ def load_encoder(vit, path, flag):
     tower that starts from what the MAE learned. flag: the option that named path, for the error."""
     weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
                if k.startswith("encoder.")}
-    for k, v in vit.state_dict().items():
-        if k not in weights or weights[k].shape != v.shape:
+    own = vit.state_dict()
+    for k in [*own, *sorted(weights.keys() - own.keys())]:  # the tower's own first, then what it lacks
+        if k not in weights or k not in own or weights[k].shape != own[k].shape:
             got = tuple(weights[k].shape) if k in weights else "nothing"
-            raise UserError(f"{flag}={path}: encoder.{k} is {got} there, {tuple(v.shape)} here; match "
+            want = tuple(own[k].shape) if k in own else "nothing"
+            raise UserError(f"{flag}={path}: encoder.{k} is {got} there, {want} here; match "
                             f"img_size, patch_size and vision_n_layer/n_head/n_embd to the MAE's")
     vit.load_state_dict(weights)
 

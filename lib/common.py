@@ -303,6 +303,7 @@ def draw_grid(images, texts, path, cols=4, footer=""):
         ax.axis("off")
     for ax, img, text in zip(axes.flat, images, texts):
         ax.imshow(img)
+        text = "".join(c if c.isprintable() or c == "\n" else "?" for c in text)  # an untrained model's bytes
         wrapped = "\n".join(textwrap.fill(line, 40) for line in text.split("\n"))
         ax.text(0, -0.03, wrapped, fontsize=7, transform=ax.transAxes, va="top")  # under the image
     fig.text(0.01, 0.01, footer, fontsize=8)

@@ -407,10 +407,13 @@ def measure_cell(map_cfg, folder, device):
     """The cell's figures, from figures.json when it was measured from this very checkpoint."""
     cached = folder / "figures.json"
     stamp = (folder / "ckpt.pt").stat().st_mtime_ns
-    if cached.exists():
-        saved = json.loads(cached.read_text())
-        if saved.get("ckpt_mtime_ns") == stamp and saved.get("n_scenes") == map_cfg.n_scenes:
-            return saved["figures"]
+    try:
+        saved = json.loads(cached.read_text()) if cached.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):  # damaged: measured again
+        saved = {}
+    measured_from = (saved.get("ckpt_mtime_ns"), saved.get("n_scenes")) if isinstance(saved, dict) else None
+    if measured_from == (stamp, map_cfg.n_scenes):
+        return saved["figures"]
     _, model, cfg, ckpt = load_model("vlm", folder / "ckpt.pt", device)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     figures = cell_figures(model, data, map_cfg, device)

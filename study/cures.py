@@ -290,13 +290,19 @@ CURE_COLUMNS = COLUMNS + [("partner_yes", "partner yes"), ("x_greedy", "x greedy
 
 
 def check_controls(cc, out_dir):
-    """Before any cure runs: each control is a model the study can ask, and reads images of the study
-    model's size (the scenes are drawn once, at that size)."""
+    """Before any cure runs: the heads and scenes asked for exist, and each control is a model the study
+    can ask that reads images of the study model's size (the scenes are drawn once, at that size)."""
     study = Path(cc.ckpt or out_dir / "biased/ckpt.pt")
     if study.exists():
-        size = check_study_checkpoint(study)["img_size"]
+        model = check_study_checkpoint(study)
     else:  # trained first, by the study's recipe
-        size = vlm_configs(study_args("biased"))[1].img_size
+        model = asdict(vlm_configs(study_args("biased"))[1])
+    size, heads = model["img_size"], model["n_layer"] * model["n_head"]
+    if cc.k_heads > heads:
+        raise UserError(f"k_heads={cc.k_heads}: the study model has {heads} heads ({model['n_layer']} layers "
+                        f"x {model['n_head']})")
+    if cc.n_calib > model["n_train"]:
+        raise UserError(f"n_calib={cc.n_calib}: the study model has {model['n_train']} training scenes")
     for name, given in (("unbiased", cc.control_ckpt), ("halved", cc.halved_ckpt)):
         path = Path(given or out_dir / name / "ckpt.pt")
         if path.exists() and check_study_checkpoint(path)["img_size"] != size:

@@ -363,3 +363,24 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
         os.close(lock)
     run("train.py", "mae", *MAE_ARGS, "--max_iters=2", f"--out_dir={tmp_path}")  # free again: it runs
     assert (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_more_bad_input_is_one_line(tmp_path, tiny_vlm_ckpt):
+    """Each surface checks its flags against the whole job before it starts: a flag that does nothing,
+    heads or scenes that do not exist, an MAE deeper than the tower."""
+    deep = tmp_path / "deep"
+    run("train.py", "mae", *MAE_ARGS, "--n_layer=2", "--max_iters=1", "--eval_iters=1", f"--out_dir={deep}")
+    cures = ["-m", "study.cures", f"--ckpt={tiny_vlm_ckpt}", f"--control_ckpt={tiny_vlm_ckpt}",
+             f"--halved_ckpt={tiny_vlm_ckpt}", "--n_scenes=6"]
+    rows = [(["train.py", "vlm", *VLM_ARGS, "--data_path=somewhere"], "does nothing in the shapes world"),
+            (["train.py", "mae", *MAE_ARGS, "--data_path=somewhere"], "does nothing in the shapes world"),
+            (["train.py", "vlm", *VLM_ARGS, f"--init_vision={deep / 'ckpt.pt'}"],
+             "encoder.blocks.1.attn.proj.bias is (32,) there, nothing here"),
+            ([*cures, "--k_heads=99"], "k_heads=99: the study model has 4 heads"),
+            ([*cures, "--n_calib=999"], "n_calib=999: the study model has 64 training scenes")]
+    for args, words in rows:
+        out = tmp_path / "out"
+        p = run(*args, f"--out_dir={out}", check=False)
+        one_line = len(p.stderr.strip().splitlines()) == 1
+        assert p.returncode == 2 and words in p.stderr and one_line, (args, p.stderr)
+        assert p.stdout == "" and not out.exists(), args
