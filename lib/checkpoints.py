@@ -67,6 +67,9 @@ def run_left(idea, args, folder):
     run where folder holds no checkpoint, a resume where the run there was interrupted, none ([]) where
     it finished. The one "train it, or finish it" that the VLM's MAE and the study's models share."""
     path = Path(folder) / "ckpt.pt"
+    if not path.exists() and (Path(folder) / "ckpt_best.pt").exists():
+        raise UserError(f"{folder} holds ckpt_best.pt but no ckpt.pt: a run continues only from its latest "
+                        f"checkpoint; move that folder away to train it again")
     if not path.exists():
         return [idea, *args, f"--out_dir={folder}"]
     ckpt = load_checkpoint(path, idea)

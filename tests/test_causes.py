@@ -228,6 +228,17 @@ def crafted(ckpt, path, **model):
     return path
 
 
+def test_a_run_left_with_only_its_best_checkpoint_is_named_not_resumed(tmp_path, tiny_vlm_ckpt):
+    from lib.checkpoints import run_left
+    from lib.common import UserError
+    new = tmp_path / "new"
+    assert run_left("vlm", ["--max_iters=2"], new) == ["vlm", "--max_iters=2", f"--out_dir={new}"]
+    assert run_left("vlm", [], tiny_vlm_ckpt.parent) == []  # finished
+    crafted(tiny_vlm_ckpt, tmp_path / "best/ckpt_best.pt")
+    with pytest.raises(UserError, match="holds ckpt_best.pt but no ckpt.pt"):
+        run_left("vlm", [], tmp_path / "best")
+
+
 def test_the_map_and_the_cures_check_everything_before_any_work(tmp_path, tiny_vlm_ckpt):
     mlm_model = crafted(tiny_vlm_ckpt, tmp_path / "mlm/ckpt.pt", objective="mlm")
     folder_model = crafted(tiny_vlm_ckpt, tmp_path / "folder/ckpt.pt", dataset="folder", data_path="photos")
