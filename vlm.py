@@ -89,6 +89,9 @@ class Config:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
         if not 0 < self.mask_prob < 1:
             raise UserError(f"mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.mae_weight and not self.vision_n_layer:
+            raise UserError(f"mae_weight={self.mae_weight} trains the tower as an MAE too, and "
+                            f"vision_n_layer=0 has none")
         if self.n_captioned > self.n_train:
             raise UserError(f"n_captioned={self.n_captioned} is more than n_train={self.n_train}")
         if self.mlp_ratio <= 0:

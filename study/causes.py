@@ -330,8 +330,9 @@ class MapConfig:
                 raise UserError(f"--{key}={given}: out of range ({allowed})")
             if len(set(values)) < len(values):
                 raise UserError(f"--{key}={given} names a value twice: one model would count as two runs")
-        if self.config:
-            vlm_configs([self.config])  # every key of the file checked now, not in the first cell
+        n_eval = vlm_configs([self.config] if self.config else [])[1].n_eval  # a file's keys checked now
+        if n_eval < 2:
+            raise UserError(f"n_eval={n_eval} in {self.config}: a cell's POPE needs 2 val scenes or more")
 
 
 def check_cells(map_cfg):

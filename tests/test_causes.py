@@ -244,6 +244,7 @@ def test_the_map_and_the_cures_check_everything_before_any_work(tmp_path, tiny_v
     folder_model = crafted(tiny_vlm_ckpt, tmp_path / "folder/ckpt.pt", dataset="folder", data_path="photos")
     wide = crafted(tiny_vlm_ckpt, tmp_path / "wide/ckpt.pt", img_size=64)
     (tmp_path / "typo.conf").write_text("n_layr = 2\n")
+    (tmp_path / "one.conf").write_text("n_eval = 1\n")
     old = tmp_path / "map"  # a map whose cell was trained for another budget
     crafted(tiny_vlm_ckpt, old / "cooccur0.9-noise0.3-seed0/ckpt.pt", cooccur=0.9, noise=0.3)
     out = f"--out_dir={tmp_path / 'out'}"
@@ -251,6 +252,7 @@ def test_the_map_and_the_cures_check_everything_before_any_work(tmp_path, tiny_v
             (["-m", "study.causes", "--cooccur=inf", out], "--cooccur=inf: out of range"),
             (["-m", "study.causes", "--cooccur=0.9,0.90", out], "names a value twice"),
             (["-m", "study.causes", f"--config={tmp_path / 'typo.conf'}", out], "did you mean --n_layer"),
+            (["-m", "study.causes", f"--config={tmp_path / 'one.conf'}", out], "n_eval=1 in"),
             (["-m", "study.causes", f"--ckpt={tiny_vlm_ckpt}", "--noise=0.2", out], "there is no map"),
             (["-m", "study.causes", f"--ckpt={mlm_model}", out], "is an --objective=mlm model"),
             (["-m", "study.causes", "--cooccur=0.9", "--noise=0.3", "--max_iters=5", f"--out_dir={old}"],

@@ -374,6 +374,8 @@ def test_more_bad_input_is_one_line(tmp_path, tiny_vlm_ckpt):
              f"--halved_ckpt={tiny_vlm_ckpt}", "--n_scenes=6"]
     rows = [(["train.py", "vlm", *VLM_ARGS, "--data_path=somewhere"], "does nothing in the shapes world"),
             (["train.py", "mae", *MAE_ARGS, "--data_path=somewhere"], "does nothing in the shapes world"),
+            (["train.py", "vlm", *VLM_ARGS, "--mae_weight=0.5", "--vision_n_layer=0"],
+             "vision_n_layer=0 has none"),
             (["train.py", "vlm", *VLM_ARGS, f"--init_vision={deep / 'ckpt.pt'}"],
              "encoder.blocks.1.attn.proj.bias is (32,) there, nothing here"),
             ([*cures, "--k_heads=99"], "k_heads=99: the study model has 4 heads"),
