@@ -1,7 +1,7 @@
 """Would the suite notice a wrong figure? Plant one small bug at a time in the code that computes the
 course's figures, run the tests that guard it, and count the bugs they catch.
 
-    python tests/mutants.py            every planted bug (about 10 minutes on 2 cores)
+    python tests/mutants.py            every planted bug (about 5 minutes on 2 cores)
     python tests/mutants.py 3 7        only bugs 3 and 7 (their numbers in the list)
 
 Each bug is planted in a copy of the repository (its tracked files and the data cache), never in
