@@ -352,26 +352,32 @@ def features(encoder, images, device, chunk=256):
     return torch.cat(out)
 
 
-def linear_probe(x_train, y_train, x_val, y_val, steps=300, weight_decay=1e-3):
-    """Multi-label logistic regression on standardised features -> mean per-label val accuracy."""
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_val = (x_train - mu) / sd, (x_val - mu) / sd
+def linear_probe(x, y, steps=300, weight_decay=1e-3):
+    """Logistic regression on standardised features, fitted to its optimum with L-BFGS: x (N, D), y (N,)
+    or (N, K) in {0, 1} (K labels at once) -> a function mapping (M, D) features to logits (> 0: yes).
+    The one probe of the course: the MAE's features here, the VLM's layers in study/causes.py."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    labels = y.float().view(len(y), -1)  # (N, K)
     g = torch.Generator().manual_seed(0)
-    head = nn.Linear(x_train.shape[1], y_train.shape[1])
+    head = nn.Linear(x.shape[1], labels.shape[1])
     nn.init.normal_(head.weight, std=0.01, generator=g)
     nn.init.zeros_(head.bias)
+    z = (x - mean) / std
     opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20)
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(head(x_train), y_train)
+        loss = F.binary_cross_entropy_with_logits(head(z), labels)
         loss = loss + weight_decay * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        return ((head(x_val) > 0).float() == y_val).float().mean().item()
+
+    @torch.no_grad()
+    def logits(x_new):
+        return head((x_new - mean) / std).view(len(x_new), *y.shape[1:])  # (M,) or (M, K)
+    return logits
 
 
 def evaluate(model, data, device, n_probe=4000):
@@ -398,5 +404,6 @@ def evaluate(model, data, device, n_probe=4000):
         y_train = torch.from_numpy(train.presence(column, k)[:n])
         y_val = torch.from_numpy(test.presence(column, k))
         for name, (f_train, f_val) in feats.items():
-            out[f"probe_{what}_{name}"] = linear_probe(f_train, y_train, f_val, y_val)
+            said = linear_probe(f_train, y_train)(f_val) > 0  # (N_val, k)
+            out[f"probe_{what}_{name}"] = (said.float() == y_val).float().mean().item()
     return out

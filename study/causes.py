@@ -36,6 +36,7 @@ from hallucination import (StudyConfig, ask, chair_run, check_study_checkpoint, 
 from lib.checkpoints import load_checkpoint, load_model
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
+from mae import linear_probe
 from study.decoding import METHODS
 from study.measures import parse_yes_no, shape_stats
 from vlm import answer_questions
@@ -147,26 +148,6 @@ def lens_says_yes(model, states):
     return logits[..., yes] > logits[..., no]
 
 
-def train_probe(x, y, steps=300, lr=0.1, weight_decay=1e-3):
-    """Logistic regression on standardised features: x (N, D), y (N,) in {0, 1} -> a function that
-    maps (M, D) to P(y = 1)."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
-    z = (x - mean) / std
-    for _ in range(steps):
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, y.float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    w, b = w.detach(), b.detach()
-
-    def predict(x_new):
-        return torch.sigmoid(((x_new - mean) / std) @ w + b)
-    return predict
-
-
 def existence_items(shapes_split, n_scenes, seed):
     """-> [(scene, shape, truth, is_partner)]: per scene a present shape, a missing partner of a present
     trigger (where there is one) and a random absent shape."""
@@ -208,7 +189,7 @@ def layer_report(model, data, device, n_train=2000, n_val=500, seed=0):
     lens = lens_says_yes(model, x_val.to(device)).cpu()  # (L + 1, N)
     wrong = lens[-1] != y_val  # what the model itself says wrong
     partner = torch.tensor([c[3] for c in val_items])
-    probe = torch.stack([train_probe(x_train[l], y_train)(x_val[l]) > 0.5 for l in range(len(x_val))])
+    probe = torch.stack([linear_probe(x_train[l], y_train)(x_val[l]) > 0 for l in range(len(x_val))])
     report = {}
     for name, said in (("lens", lens), ("probe", probe)):
         right = said == y_val  # (L + 1, N)

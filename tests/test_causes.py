@@ -11,6 +11,7 @@ from data.pairs import row_images
 from data.shapes import PARTNER, render_scene
 from data.shapes import SHAPES
 from lib.checkpoints import load_model
+from mae import linear_probe
 from study import causes
 from tests.conftest import VLM_TINY, run, tiny_vlm
 from tests.oracle import Oracle, partner_prior
@@ -76,11 +77,15 @@ def test_probe_separates_a_separable_set():
     score = x[:, 3] - 0.5 * x[:, 7] - 0.2
     x = x[score.abs() > 0.3][:400]  # separable with a margin
     y = (x[:, 3] - 0.5 * x[:, 7] > 0.2).long()
-    predict = causes.train_probe(x[:300], y[:300])
-    acc = ((predict(x[300:]) > 0.5).long() == y[300:]).float().mean()
+    predict = linear_probe(x[:300], y[:300])
+    assert predict(x[300:]).shape == (100,)
+    acc = ((predict(x[300:]) > 0).long() == y[300:]).float().mean()
     assert acc > 0.97
-    shuffled = causes.train_probe(x[:300], y[torch.randperm(300, generator=g)])  # no signal: chance
-    assert ((shuffled(x[300:]) > 0.5).long() == y[300:]).float().mean() < 0.8
+    shuffled = linear_probe(x[:300], y[torch.randperm(300, generator=g)])  # no signal: chance
+    assert ((shuffled(x[300:]) > 0).long() == y[300:]).float().mean() < 0.8
+    two = linear_probe(x[:300], torch.stack([y[:300], 1 - y[:300]], 1))  # two labels at once, (N, 2)
+    assert two(x[300:]).shape == (100, 2)
+    assert ((two(x[300:]) > 0).long() == torch.stack([y[300:], 1 - y[300:]], 1)).float().mean() > 0.97
 
 
 def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
