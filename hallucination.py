@@ -94,9 +94,24 @@ def pope_sets(data, study, seed, stats):
     return sets
 
 
+def yes_no_tokens(tok):
+    """The first tokens of " yes" and " no", which the P(yes) vs P(no) reading compares; None where
+    both start with the same token (a folder model's tokenizer from before its texts kept their
+    leading space: " yes" was " " + "yes"), so that the reading cannot tell them apart."""
+    yes, no = tok.encode(" yes")[0], tok.encode(" no")[0]
+    return None if yes == no else (yes, no)
+
+
+def by_prob(scores, yes_no):
+    """The P(yes) vs P(no) reading of one answer's first-step scores (None where it cannot be made)."""
+    if yes_no is None:
+        return None
+    return "yes" if scores[yes_no[0]] > scores[yes_no[1]] else "no"
+
+
 def pope_run(model, data, name, method, study, seed, stats, gen, device):
     """POPE on the three splits (and a question file) -> (flat dict of figures, one record per question)."""
-    yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
+    yes_no = yes_no_tokens(model.tok)
     out, records = {}, []
     for split, qs in pope_sets(data, study, seed, stats).items():
         mine = []
@@ -106,15 +121,16 @@ def pope_run(model, data, name, method, study, seed, stats, gen, device):
             raws, firsts = ask(model, data, images, [q[2] for q in asked], method, study, gen, device)
             mine += [{"scene": q[1], "split": split, "question": q[2], "label": q[3], "question_id": q[4],
                       "method": name, "seed": seed, "parsed": parse_yes_no(raw), "raw": raw,
-                      "by_prob": "yes" if s[yes] > s[no] else "no"} for q, raw, s in zip(asked, raws, firsts)]
+                      "by_prob": by_prob(s, yes_no)} for q, raw, s in zip(asked, raws, firsts)]
         records += mine
         labels = [r["label"] for r in mine]
         by_text = pope_metrics(labels, [r["parsed"] for r in mine])
         out.update({f"pope_{split}_{k}": v for k, v in by_text.items()})
         by_rule = pope_metrics(labels, [pope_rule(r["raw"]) for r in mine])
         out.update({f"pope_{split}_rule_{k}": by_rule[k] for k in ("accuracy", "f1")})  # as papers report
-        by_prob = pope_metrics(labels, [r["by_prob"] for r in mine])
-        out.update({f"pope_{split}_prob_{k}": v for k, v in by_prob.items() if k != "unparsable"})
+        if yes_no is not None:
+            read = pope_metrics(labels, [r["by_prob"] for r in mine])
+            out.update({f"pope_{split}_prob_{k}": v for k, v in read.items() if k != "unparsable"})
     return out, records
 
 

@@ -255,7 +255,7 @@ def folder_tokenizer(folder, records=None, verbose=False, cache_dir=CACHE_DIR):
         texts += r["captions"]
         for qa in r["qa"]:
             texts += list(qa)
-    text = "\n".join(texts)
+    text = "\n".join(" " + t for t in texts)  # each with the leading space Pairs.encode gives it
     out = Path(cache_dir) / f"folder_bpe_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
     build = partial(build_tokenizer, out, text, 512)
     checked_cache(out / "manifest.json", build, f"the tokenizer of {folder}", verbose)
