@@ -4,6 +4,7 @@ checkpoint never runs code), checked for their idea, and a run's folder locked w
 nanochat keeps the same beside its common.py, in checkpoint_manager.py.
 """
 import dataclasses
+import errno
 import os
 import time
 from dataclasses import asdict
@@ -18,10 +19,18 @@ CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", 
 
 
 def save_atomic(obj, path):
+    """torch.save(obj), or a str's text, to path: whole or not at all, and a full disk is one line."""
     tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"  # unique: two writers never share one
     try:
-        torch.save(obj, tmp)
+        if isinstance(obj, str):
+            Path(tmp).write_text(obj)
+        else:
+            torch.save(obj, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+    except RuntimeError as e:  # torch's writer says only "unexpected pos ..." when the disk is full
+        if "inline_container" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, "torch could not finish writing it (a full disk?)", str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -273,10 +273,17 @@ def pyplot():
 
 
 def savefig(fig, path, dpi=100, tight=True):
+    """The figure to path as a whole PNG or not at all (a full disk midway leaves the old one)."""
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_losses(curves, path, xlabel="iteration"):

@@ -6,6 +6,7 @@ unknown key fails in one line with a "did you mean".
 """
 import dataclasses
 import difflib
+import errno
 import inspect
 import math
 import os
@@ -124,7 +125,7 @@ def config_help(*config_classes, defaults=None, titles=None):
 
 def cli(main):
     """Run a script's main(argv) and exit with what it returns (None is 0): a UserError becomes one
-    line on stderr and exit status 2, Ctrl-C one line and 130."""
+    line on stderr and exit status 2, a full disk one line and 1, Ctrl-C one line and 130."""
     try:
         code = main(sys.argv[1:])
     except UserError as e:
@@ -136,6 +137,12 @@ def cli(main):
     except BrokenPipeError:  # `python train.py --help | head`: the reader left, nothing is wrong
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: could not write {e.filename or 'a file'}: {e.strerror}; free some space and run "
+              "again (what was saved before is kept)", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code or 0)
 
 

@@ -33,7 +33,7 @@ import vlm
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from hallucination import (StudyConfig, ask, chair_run, check_study_checkpoint, pope_run, train_or_finish,
                            vlm_configs)
-from lib.checkpoints import load_checkpoint, load_model
+from lib.checkpoints import load_checkpoint, load_model, save_atomic
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
 from mae import linear_probe
@@ -399,10 +399,8 @@ def measure_cell(map_cfg, folder, device):
     _, model, cfg, ckpt = load_model("vlm", folder / "ckpt.pt", device)
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     figures = cell_figures(model, data, map_cfg, device)
-    tmp = cached.with_suffix(".tmp")
     saved = {"n_scenes": map_cfg.n_scenes, "ckpt_mtime_ns": stamp, "figures": figures}
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(cached)
+    save_atomic(json.dumps(saved, indent=1), cached)
     return figures
 
 

@@ -1,5 +1,9 @@
 import copy
 import json
+import os
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from data.shapes import SHAPES
 from lib.checkpoints import load_model
 from mae import linear_probe
 from study import causes
-from tests.conftest import VLM_TINY, run, tiny_vlm
+from tests.conftest import ROOT, VLM_TINY, run, tiny_vlm
 from tests.oracle import Oracle, partner_prior
 
 
@@ -88,12 +92,24 @@ def test_probe_separates_a_separable_set():
     assert ((two(x[300:]) > 0).long() == torch.stack([y[300:], 1 - y[300:]], 1)).float().mean() > 0.97
 
 
+def disk_of(size):
+    """A child process's files may grow to `size` bytes and no further: a full disk, as Python sees it."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
 def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     threads = torch.get_num_threads()
     conf = tmp_path / "tiny.conf"
     conf.write_text("".join(f"{k} = {v}\n" for k, v in VLM_TINY.items()) + "batch_size = 4\neval_iters = 1\n")
     args = ["-m", "study.causes", "--cooccur=0,0.9", "--noise=0.3", "--max_iters=2", "--n_scenes=6",
             f"--config={conf}", f"--out_dir={tmp_path / 'map'}"]
+    full = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=disk_of(400_000),  # a tiny model's full checkpoint needs more
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert full.returncode == 1 and full.stderr.startswith("error: could not write") and full.stderr.count("\n") == 1
+    assert not list((tmp_path / "map").rglob("*tmp*"))  # nothing half-written
     first = run(*args)
     assert first.stdout.count("python train.py vlm") == 2
     grid = json.loads((tmp_path / "map/map.json").read_text())["cells"]
