@@ -16,6 +16,7 @@ Preference training (DPO) lives in `preference.py`. `python -m study.cures` runs
 control on the study's model (see main).
 """
 import json
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from data.pairs import CAPTION_PROMPT, blank_like, row_images
 from data.shapes import PARTNER, SHAPES, caption, exist_question
 from hallucination import (COLUMNS, StudyConfig, check_study, check_study_checkpoint, plot_bars, run_method,
                            study_args, study_model, table, vlm_configs)
+from lib.checkpoints import save_atomic
 from lib.common import UserError, at_least, pick_device
 from lib.config import cli, config_help, parse_overrides, usage
 from study.decoding import METHODS
@@ -244,9 +246,21 @@ def vti(model, visual, textual, alpha):
         yield
 
 
+def ready(model, method, context):
+    """A row that needs no training -> (model, method, context, training seconds)."""
+    return model, method, context, 0.0
+
+
+def tuned(model, data, how, steps, seed, device):
+    """A row whose model is tuned on preferences first -> (model, method, context, training seconds)."""
+    model, seconds = preference_tune(model, data, how, steps, seed, device)
+    return model, METHODS["greedy"], nullcontext(), seconds
+
+
 def cure_rows(model, models, data, cc, seed, device):
-    """One seed's rows -> [(name, model, method, context, training seconds)]: each cure, then its
-    controls. The heads, directions and preference pairs are drawn from the seed."""
+    """One seed's rows -> [(name, make)], make() -> (model, method, context, training seconds): each
+    cure, then its controls; a row is made only when it is measured. The heads, directions and
+    preference pairs are drawn from the seed."""
     gen = torch.Generator().manual_seed(seed)
     greedy, k = METHODS["greedy"], cc.k_heads
     vhd = vhd_scores(model, data, cc.n_calib, device, seed)
@@ -254,23 +268,46 @@ def cure_rows(model, models, data, cc, seed, device):
     images = to_tensor(data.shapes["train"].images[np.sort(scenes)], device)
     visual, textual = visual_directions(model, images, gen), textual_directions(model, data, cc.n_calib,
                                                                                 device, seed)
-    rows = [("greedy", model, greedy, nullcontext(), 0.0)]
+    rows = [("greedy", partial(ready, model, greedy, nullcontext()))]
     for name in ("M3ID (greedy)", "DeCo (greedy)"):
-        rows.append((name, model, METHODS[name], nullcontext(), 0.0))
+        rows.append((name, partial(ready, model, METHODS[name], nullcontext())))
     for how, name in (("top", f"VHR: top {k} heads x {cc.gamma}"), ("random", f"control: {k} random heads"),
                       ("least", f"control: {k} least vision-aware heads")):
-        rows.append((name, model, greedy, scaled_heads(model, pick_heads(vhd, k, how, gen), cc.gamma), 0.0))
-    rows.append(("VTI: visual + textual directions", model, greedy, vti(model, visual, textual, cc.vti_alpha),
-                 0.0))
-    rows.append(("control: random directions, same norms", model, greedy,
-                 vti(model, random_like(visual, gen), random_like(textual, gen), cc.vti_alpha), 0.0))
+        heads = scaled_heads(model, pick_heads(vhd, k, how, gen), cc.gamma)
+        rows.append((name, partial(ready, model, greedy, heads)))
+    steer = vti(model, visual, textual, cc.vti_alpha)
+    rows.append(("VTI: visual + textual directions", partial(ready, model, greedy, steer)))
+    steer = vti(model, random_like(visual, gen), random_like(textual, gen), cc.vti_alpha)
+    rows.append(("control: random directions, same norms", partial(ready, model, greedy, steer)))
     for how, name in (("dpo", "DPO (partner negatives)"), ("sft", "control: fine-tuning on the preferred"),
                       ("dpo-random", "control: DPO, random-shape negatives")):
-        tuned, seconds = preference_tune(model, data, how, cc.dpo_steps, seed, device)
-        rows.append((name, tuned, greedy, nullcontext(), seconds))
-    rows += [("data: unbiased world", models["unbiased"], greedy, nullcontext(), 0.0),
-             ("data: bias halved", models["halved"], greedy, nullcontext(), 0.0)]
+        rows.append((name, partial(tuned, model, data, how, cc.dpo_steps, seed, device)))
+    rows += [("data: unbiased world", partial(ready, models["unbiased"], greedy, nullcontext())),
+             ("data: bias halved", partial(ready, models["halved"], greedy, nullcontext()))]
     return rows
+
+
+def row_stamp(cc, out_dir):
+    """What a row's figures depend on: every key but where they go and how many seeds, and when each of
+    the three models was saved. A row measured under another stamp is measured again."""
+    keys = {k: v for k, v in asdict(cc).items() if k not in ("device", "out_dir", "seeds")}
+    paths = [Path(given or out_dir / name / "ckpt.pt") for name, given in
+             (("biased", cc.ckpt), ("unbiased", cc.control_ckpt), ("halved", cc.halved_ckpt))]
+    return {"config": keys, "models": [p.stat().st_mtime_ns for p in paths]}
+
+
+def measured_row(out_dir, seed, name, stamp):
+    """A row's figures saved by an earlier run of the same stamp (a killed run resumes), or None."""
+    path = row_path(out_dir, seed, name)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # none yet, or damaged: measured again
+        return None
+    return saved["figures"] if isinstance(saved, dict) and saved.get("stamp") == stamp else None
+
+
+def row_path(out_dir, seed, name):
+    return Path(out_dir) / "rows" / f"seed{seed}-{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}.json"
 
 
 def partner_yes_rate(records, val):
@@ -310,6 +347,17 @@ def check_controls(cc, out_dir):
                             f"model {size} px: a control must match the model it controls")
 
 
+def measure_row(make, data, name, cc, seed, stats, device):
+    """Make a row's model (tuning it, for the preference rows) and measure it -> its figures."""
+    model, method, context, train_seconds = make()
+    t1 = time.time()
+    with context:
+        figures, records = run_method(model, data, name, method, cc, seed, stats, device)
+    figures["seconds"], figures["train_min"] = time.time() - t1, train_seconds / 60
+    figures["partner_yes"] = partner_yes_rate(records, data.shapes["val"])
+    return figures
+
+
 def main(argv):
     if "-h" in argv or "--help" in argv:
         return usage(__doc__.split("\n\n")[0] + "\n" + config_help(CureConfig), argv)
@@ -322,24 +370,24 @@ def main(argv):
               "halved": study_model(cc.halved_ckpt, out_dir, "halved", device)[0]}
     data = vlm.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
     stats = shape_stats(data.shapes["train"])
-    results, t_start = {}, time.time()
+    results, t_start, stamp = {}, time.time(), row_stamp(cc, out_dir)
+    (out_dir / "rows").mkdir(parents=True, exist_ok=True)
     for seed in range(cc.seeds):
-        for name, m, method, context, train_seconds in cure_rows(model, models, data, cc, seed, device):
-            t0 = time.time()
-            with context:
-                figures, records = run_method(m, data, name, method, cc, seed, stats, device)
-            figures["seconds"], figures["train_min"] = time.time() - t0, train_seconds / 60
+        for name, make in cure_rows(model, models, data, cc, seed, device):
+            figures = measured_row(out_dir, seed, name, stamp)
+            earlier = " (measured by an earlier run)" if figures else ""
+            if figures is None:
+                figures = measure_row(make, data, name, cc, seed, stats, device)
+                save_atomic(json.dumps({"stamp": stamp, "figures": figures}), row_path(out_dir, seed, name))
             greedy_seconds = figures["seconds"] if name == "greedy" else results["greedy"][seed]["seconds"]
             figures["x_greedy"] = figures["seconds"] / greedy_seconds
-            figures["partner_yes"] = partner_yes_rate(records, data.shapes["val"])
             results.setdefault(name, []).append(figures)
             print(f"seed {seed} {name:<40} POPE adv. F1 {100 * figures['pope_adversarial_f1']:.1f} | "
                   f"partner yes {100 * figures['partner_yes']:.1f} | "
                   f"CHAIR_i {100 * figures['chair_i']:.1f} | "
-                  f"{figures['seconds']:.0f} s", flush=True)
+                  f"{figures['seconds']:.0f} s{earlier}", flush=True)
     print(f"\n{table(results, CURE_COLUMNS, plain=('x_greedy', 'train_min'))}\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cures.json").write_text(json.dumps({"config": asdict(cc), "methods": results}, indent=1))
+    save_atomic(json.dumps({"config": asdict(cc), "methods": results}, indent=1), out_dir / "cures.json")
     plot_bars(results, out_dir / "cures.png")
     print(f"wrote cures.json and cures.png to {out_dir} in {(time.time() - t_start) / 60:.1f} min")
     return 0

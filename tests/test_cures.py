@@ -191,6 +191,43 @@ def test_the_cures_table_runs_every_cure_beside_its_controls(tmp_path, tiny_vlm_
     assert (tmp_path / "cures/cures.png").stat().st_size > 0
 
 
+def test_a_killed_cures_run_resumes_from_its_measured_rows(tmp_path, tiny_vlm_ckpt):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import ROOT, run
+    args = ["-m", "study.cures", f"--ckpt={tiny_vlm_ckpt}", f"--control_ckpt={tiny_vlm_ckpt}",
+            f"--halved_ckpt={tiny_vlm_ckpt}", "--seeds=1", "--n_scenes=6", "--n_captions=4", "--n_calib=4",
+            "--dpo_steps=2", "--k_heads=2", f"--out_dir={tmp_path / 'cures'}"]
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = tmp_path / "cures/rows"
+    while p.poll() is None and len(list(rows.glob("*.json"))) < 2:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.kill()  # kill -9: no handler runs
+    p.wait()
+    kept = {f.name: (f.stat().st_mtime_ns, json.loads(f.read_text())) for f in rows.glob("*.json")}
+    assert len(kept) >= 2 and not (tmp_path / "cures/cures.json").exists()
+    again = run(*args)
+    assert again.stdout.count("measured by an earlier run") == len(kept)
+    methods = json.loads((tmp_path / "cures/cures.json").read_text())["methods"]
+    assert len(methods) == 13 and len(list(rows.glob("*.json"))) == 13
+    for name, (stamp, saved) in kept.items():  # the rows measured before the kill: kept, not measured again
+        assert (rows / name).stat().st_mtime_ns == stamp
+        row = next(r for n, (r,) in methods.items() if cures.row_path(tmp_path, 0, n).name == name)
+        assert {k: row[k] for k in saved["figures"]} == saved["figures"]
+    name, (_, saved) = next(iter(kept.items()))
+    row = next(n for n in methods if cures.row_path(tmp_path / "cures", 0, n).name == name)
+    assert cures.measured_row(tmp_path / "cures", 0, row, saved["stamp"]) == saved["figures"]
+    other = {**saved["stamp"], "config": {**saved["stamp"]["config"], "dpo_steps": 3}}
+    assert cures.measured_row(tmp_path / "cures", 0, row, other) is None  # another recipe: measured again
+    (rows / name).write_text('{"stamp": ')  # damaged: measured again
+    assert cures.measured_row(tmp_path / "cures", 0, row, saved["stamp"]) is None
+
+
 def test_cures_partner_yes_rate_counts_only_missing_partners():
     _, data = tiny_vlm(n_train=200, n_eval=60, cooccur=0.9)
     sc = H.StudyConfig(n_scenes=25, seeds=1)
