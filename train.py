@@ -368,6 +368,9 @@ def configs(idea, argv):
             tc, mc = build_configs(module, overrides, base=ckpt["config"])
         except TypeError as e:  # a key this version does not know
             raise UserError(f"cannot resume: the checkpoint's config does not fit this code ({e})") from None
+    given = [a[2:].partition("=")[0] for a in argv if a.startswith("--")]
+    if hasattr(mc, "check_flags"):  # flags that would do nothing in the mode chosen
+        mc.check_flags(given)
     tc.out_dir = tc.out_dir or f"out-{idea}"
     return module, tc, mc, ckpt
 

@@ -97,6 +97,12 @@ class Config:
         if self.mlp_ratio <= 0:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
+    def check_flags(self, given):
+        """Keys given on the command line that would do nothing are a mistake: the world's, with a folder."""
+        world = [k for k in given if k in ("n_train", "n_captioned", "n_eval", "cooccur", "skew", "noise")]
+        if self.dataset == "folder" and world:
+            raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and objects")
+
 
 # the MAE first, then these: 30 minutes on 2 cores shared with a second run (README); batch_size = images
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,

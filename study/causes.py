@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import vlm
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene

@@ -30,6 +30,7 @@ MLM_ARGS = ["--corpus=pydoc", "--tokenizer=char", "--n_layer=1", "--n_embd=32", 
 VLM_TINY = dict(img_size=32, patch_size=8, merge=2, n_train=64, n_eval=16, vision_n_layer=1, vision_n_head=2,
                 vision_n_embd=32, n_layer=2, n_head=2, n_embd=32, init_vision="none")  # no MAE first
 VLM_ARGS = as_args(VLM_TINY)
+FOLDER_TINY = {k: v for k, v in VLM_TINY.items() if k not in ("n_train", "n_eval")}  # a folder has its own
 
 
 def overfit(model, batch, steps, lr=3e-3):

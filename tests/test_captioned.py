@@ -104,7 +104,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
     import torch
     import vlm
     from data.captioned import FolderPairs
-    from tests.conftest import VLM_TINY, evaluate_again, run
+    from tests.conftest import FOLDER_TINY, VLM_TINY, evaluate_again, run
     rows = metadata_folder(tmp_path / "f")
     cfg = vlm.Config(**{**VLM_TINY, "dataset": "folder", "data_path": str(tmp_path / "f")})
     data = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")
@@ -122,7 +122,7 @@ def test_folder_pairs_cache_images_and_words_and_train_the_vlm(tmp_path):
     again = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")  # from the cache
     assert np.array_equal(again.images("val"), data.images("val"))
     out = tmp_path / "run"
-    run("train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+    run("train.py", "vlm", *[f"--{k}={v}" for k, v in FOLDER_TINY.items()], "--dataset=folder",
         f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
         f"--out_dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -141,7 +141,7 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     from study import measures as M
     import vlm
     from data.captioned import FolderPairs
-    from tests.conftest import VLM_TINY, run
+    from tests.conftest import FOLDER_TINY, VLM_TINY, run
     rows = metadata_folder(tmp_path / "f", n=30)
     cfg = vlm.Config(**{**VLM_TINY, "dataset": "folder", "data_path": str(tmp_path / "f")})
     data = FolderPairs(cfg, seed=0, verbose=False, cache_dir=tmp_path / "cache")
@@ -158,7 +158,7 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
             if lab == "no" and split == "adversarial":  # the most co-occurring absent object
                 assert score[obj] == max(score[a] for a in absent)
     out = tmp_path / "run"
-    run("train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+    run("train.py", "vlm", *[f"--{k}={v}" for k, v in FOLDER_TINY.items()], "--dataset=folder",
         f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
         f"--out_dir={out}")
     user = [{"question_id": 70 + k, "image": rows[k][0] if k % 2 else rows[k][0].split("/")[-1],
@@ -235,10 +235,10 @@ def test_the_shapes_world_exported_is_the_built_in_world(tmp_path):
 
 
 def test_a_folder_that_cannot_be_read_is_one_line(tmp_path):
-    from tests.conftest import VLM_TINY, run
+    from tests.conftest import FOLDER_TINY, run
     metadata_folder(tmp_path / "f")
     (tmp_path / "f/img/0003.png").write_bytes(b"not a png")
-    args = ["train.py", "vlm", *[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+    args = ["train.py", "vlm", *[f"--{k}={v}" for k, v in FOLDER_TINY.items()], "--dataset=folder",
             "--max_iters=1", f"--out_dir={tmp_path / 'run'}"]
     for extra, words in (([f"--data_path={tmp_path / 'f'}"], "cannot read image"),
                          ([], "--dataset=folder needs --data_path")):
@@ -369,10 +369,10 @@ def test_a_folder_model_keeps_its_words_after_the_folder_changes(tmp_path):
     import torch
     from data.bpe import Tokenizer
     from data.captioned import folder_tokenizer
-    from tests.conftest import VLM_TINY, run
+    from tests.conftest import FOLDER_TINY, run
     metadata_folder(tmp_path / "f")
     out = tmp_path / "run"
-    common = [*[f"--{k}={v}" for k, v in VLM_TINY.items()], "--dataset=folder",
+    common = [*[f"--{k}={v}" for k, v in FOLDER_TINY.items()], "--dataset=folder",
               f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--eval_iters=1"]
     run("train.py", "vlm", *common, "--max_iters=2", f"--out_dir={out}")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -397,9 +397,9 @@ def test_a_folder_model_keeps_its_words_after_the_folder_changes(tmp_path):
 
 def test_init_vision_auto_on_a_folder_pretrains_the_mae_on_its_images(tmp_path):
     import torch
-    from tests.conftest import VLM_TINY, run
+    from tests.conftest import FOLDER_TINY, run
     metadata_folder(tmp_path / "f")
-    tiny = {**VLM_TINY, "init_vision": "auto"}
+    tiny = {**FOLDER_TINY, "init_vision": "auto"}
     p = run("train.py", "vlm", *[f"--{k}={v}" for k, v in tiny.items()], "--dataset=folder",
             f"--data_path={tmp_path / 'f'}", "--batch_size=4", "--max_iters=1", "--eval_iters=1",
             "--mae_max_iters=2", f"--out_dir={tmp_path / 'vlm'}")

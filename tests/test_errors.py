@@ -25,7 +25,7 @@ import train
 from lib import config
 from lib.checkpoints import load_checkpoint, lock_out_dir, save_atomic
 from lib.config import parse_overrides
-from tests.conftest import MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, run
+from tests.conftest import FOLDER_TINY, MAE_ARGS, MLM_ARGS, ROOT, VLM_ARGS, as_args, run
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,7 @@ TAKES_OUT_DIR = ("train", "sample", "hallucination")
 T = ["mae", *MAE_ARGS]  # a valid tiny MAE run, which each row breaks in one way
 M = ["mlm", *MLM_ARGS, "--batch_size=4", "--eval_iters=1"]
 V = ["vlm", *VLM_ARGS, "--batch_size=4", "--eval_iters=1"]
+VF = ["vlm", *as_args(FOLDER_TINY), "--batch_size=4", "--eval_iters=1"]  # the same, on a folder
 CKPTS = ["--ckpt={vlm}/ckpt.pt", "--control_ckpt={vlm}/ckpt.pt", "--n_scenes=8"]  # the study, a tiny VLM
 
 BAD = [  # (script, out_dir kind, arguments, words the message must hold)
@@ -178,12 +179,14 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*T, "--dataset=folder", "--data_path=/nonexistent"], "image folder not found"),
     ("train", "empty", [*T, "--dataset=folder", "--data_path={imgs}"], "cannot read image"),
     ("train", "empty", [*T, "--dataset=cifar10", "--data_path={notar}"], "not a readable cifar-10"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_json}"], "jsonl, line 3: not JSON"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_missing}"], "nope.png does not exist"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_objects}"], "a list of non-empty strings"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_notext}"], "no caption and no question"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_few}"], "at least 10 are needed"),
-    ("train", "empty", [*V, "--dataset=folder", "--data_path={cap_broken}"], "cannot read image"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_json}"], "jsonl, line 3: not JSON"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_missing}"], "nope.png does not exist"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_objects}"], "a list of non-empty strings"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_notext}"], "no caption and no question"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_few}"], "at least 10 are needed"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_few}", "--noise=0.2"], "--noise is the shapes"),
+    ("train", "empty", [*VF, "--cooccur=0.9", "--dataset=folder", "--data_path={cap_few}"], "--cooccur is the sh"),
+    ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_broken}"], "cannot read image"),
     ("hallucination", "empty", ["--data_path={cap}", "--pope_file={pope}"], "elsewhere.jpg is not among"),
     ("hallucination", "empty", ["--pope_file={pope}"], "give --data_path=DIR too"),
     ("train", "empty", [*M, "--block_size=0"], "block_size=0 must be at least 2"),
