@@ -1,12 +1,11 @@
 """A fused vision-language model: image patches and words in one Transformer.
 
-An image is a foreign language (ViLT, Kim et al. 2021): a ViT (`mae.ViTEncoder`) turns the picture
-into patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack
-of the same `mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image
-and the prompt attend to each other in both directions and the answer is causal; the loss counts
-answer tokens only, each text (a caption or a one-word answer) weighing the same. Generation keeps
-each layer's keys and values (a KV cache), so each new token costs one position, not the whole
-sequence.
+An image is a foreign language (ViLT, Kim et al. 2021): a ViT (`mae.ViTEncoder`) turns the picture into
+patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack of the
+same `mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image and the
+prompt attend to each other in both directions and the answer is causal; the loss counts answer tokens
+only, each text (a caption or a one-word answer) weighing the same. Generation keeps each layer's keys
+and values (a KV cache), so each new token costs one position, not the whole sequence.
 
 `--objective=mlm` trains ViLT/UNITER's other task instead: the caption, masked as BERT masks
 (`mlm.mask_tokens`), beside the image, everything attending to everything. It settles what `mlm.py`
@@ -33,6 +32,7 @@ from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, pars
 from lib.checkpoints import load_checkpoint, load_encoder, run_left
 from lib.common import UserError, at_least, divisible, f1, one_of
 from mae import MAE, Block, ViTEncoder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, init_weights
+from mae import Config as MAEConfig
 from mlm import filter_logits, mask_tokens, masked_loss, word_mask
 
 MAX_TEXT = 128  # text positions (prompt + answer)
@@ -117,6 +117,8 @@ def requires(cfg, out_dir):
     if cfg.init_vision == "auto" and cfg.vision_n_layer == 0:  # encoder-free: no tower to start
         return replace(cfg, init_vision="none"), []
     if cfg.init_vision != "auto":
+        if cfg.init_vision not in ("", "none"):  # checked now, before any data is prepared (and said so)
+            load_encoder(MAE(mae_config(cfg)).encoder, cfg.init_vision, "--init_vision")
         return cfg, []
     mae_cfg = mae_config(cfg)
     shapes = {k: getattr(mae_cfg, k) for k in ("img_size", "patch_size", "n_layer", "n_head", "n_embd",
@@ -145,9 +147,8 @@ def requires(cfg, out_dir):
 
 def mae_config(cfg):
     """The `train.py mae` model whose encoder has this VLM's tower shapes (its defaults otherwise)."""
-    import mae
-    return mae.Config(img_size=cfg.img_size, patch_size=cfg.patch_size, n_layer=cfg.vision_n_layer,
-                      n_head=cfg.vision_n_head, n_embd=cfg.vision_n_embd, mlp_ratio=cfg.mlp_ratio)
+    return MAEConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, n_layer=cfg.vision_n_layer,
+                     n_head=cfg.vision_n_head, n_embd=cfg.vision_n_embd, mlp_ratio=cfg.mlp_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,9 +281,8 @@ class VLM(nn.Module):
         layers=True: state["layers"] holds the per-layer states (run's states), step by step."""
         answer = prompt[:, :0] if answer is None else answer  # (B, A): no padding
         x, key_valid, n_prefix = self.sequence(self.image_tokens(images, image_index), prompt, answer)
-        caches = [{} for _ in self.blocks]
-        state = {"caches": caches, "layers": [] if layers else None}
-        logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), caches, state["layers"])
+        state = {"caches": [{} for _ in self.blocks], "layers": [] if layers else None}
+        logits = self.run(x, prefix_lm_mask(key_valid, n_prefix), state["caches"], state["layers"])
         state["key_valid"] = key_valid
         n_prompt = (prompt != self.tok.pad_id).sum(1, keepdim=True)  # (B, 1)
         state["pos"] = n_prompt + answer.shape[1]  # the next text position

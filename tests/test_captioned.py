@@ -173,8 +173,7 @@ def test_hallucination_study_on_a_folder_pope_from_its_objects(tmp_path):
     mine = [r for r in records if r["method"] == "greedy" and r["split"] == "adversarial"]
     by_rule = np.mean([M.pope_rule(r["raw"]) == r["label"] for r in mine])  # POPE's reading, recounted
     assert len(mine) == 6 and results["greedy"][0]["pope_adversarial_rule_accuracy"] == pytest.approx(by_rule)
-    assert {r["by_prob"] for r in mine} <= {"yes", "no"}  # the folder's BPE: " yes" and " no" differ at once
-    by_prob = np.mean([r["by_prob"] == r["label"] for r in mine])
+    by_prob = np.mean([r["by_prob"] == r["label"] for r in mine])  # the P(yes) vs P(no) reading, recounted
     assert results["greedy"][0]["pope_adversarial_prob_accuracy"] == pytest.approx(by_prob)
     pope = tmp_path / "study/pope"
     questions = [json.loads(x) for x in (pope / "adversarial_questions.jsonl").read_text().splitlines()]
@@ -205,7 +204,8 @@ def test_the_yes_no_reading_needs_two_first_tokens(tmp_path):
     from hallucination import by_prob, yes_no_tokens
     metadata_folder(tmp_path / "f", n=30)
     yes, no = yes_no_tokens(folder_tokenizer(tmp_path / "f", cache_dir=tmp_path / "cache"))
-    assert by_prob({yes: 1.0, no: 0.5}, (yes, no)) == "yes" and by_prob({yes: 0.2, no: 0.5}, (yes, no)) == "no"
+    assert by_prob({yes: 1.0, no: 0.5}, (yes, no)) == "yes"
+    assert by_prob({yes: 0.2, no: 0.5}, (yes, no)) == "no"
     old = Tokenizer.train("bpe", "a cat\nyes\nno\n" * 50)  # answers without their leading space
     assert old.encode(" yes")[0] == old.encode(" no")[0] and yes_no_tokens(old) is None
     assert by_prob({0: 1.0}, None) is None

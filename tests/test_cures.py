@@ -201,8 +201,8 @@ def test_a_killed_cures_run_resumes_from_its_measured_rows(tmp_path, tiny_vlm_ck
     args = ["-m", "study.cures", f"--ckpt={tiny_vlm_ckpt}", f"--control_ckpt={tiny_vlm_ckpt}",
             f"--halved_ckpt={tiny_vlm_ckpt}", "--seeds=1", "--n_scenes=6", "--n_captions=4", "--n_calib=4",
             "--dpo_steps=2", "--k_heads=2", f"--out_dir={tmp_path / 'cures'}"]
-    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = tmp_path / "cures/rows"
     while p.poll() is None and len(list(rows.glob("*.json"))) < 2:
         time.sleep(0.02)
