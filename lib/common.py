@@ -14,6 +14,7 @@ import signal
 import sys
 import textwrap
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,11 +275,13 @@ def pyplot():
 
 def savefig(fig, path, dpi=100, tight=True):
     """The figure to path as a whole PNG or not at all (a full disk midway leaves the old one)."""
-    if tight:
-        fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp.png"
     try:
-        fig.savefig(tmp, dpi=dpi)
+        with warnings.catch_warnings():  # an untrained model's text: any byte, drawn as an empty box
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            if tight:
+                fig.tight_layout()
+            fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         pyplot().close(fig)

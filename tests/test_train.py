@@ -159,3 +159,15 @@ def test_train_mlm_then_sample(tmp_path):
     assert "step  4:" in p.stdout and "░" not in p.stdout.splitlines()[-1] and "░" in p.stdout
     p = run("sample.py", "mae", f"--out_dir={tmp_path}", check=False)  # wrong kind of checkpoint
     assert p.returncode != 0 and "'mlm' checkpoint, not 'mae'" in p.stderr
+
+
+def test_a_figure_is_saved_whole_and_quietly(tmp_path):
+    import warnings
+    from lib.common import pyplot, savefig
+    fig, ax = pyplot().subplots()
+    ax.set_title("an untrained model says \u0768\u2e80 ")  # glyphs the default font lacks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        savefig(fig, tmp_path / "a.png")
+    assert [str(w.message) for w in caught] == []
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and os.listdir(tmp_path) == ["a.png"]
