@@ -3,7 +3,6 @@ keys exist, its values pass the checks), and every function an exercise asks to 
 with the test that grades it."""
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
