@@ -305,17 +305,23 @@ def plot_losses(curves, path, xlabel="iteration"):
 
 
 def draw_grid(images, texts, path, cols=4, footer=""):
-    """Images (N, H, W, 3) in a grid with each one's text under it -> a PNG."""
+    """Images (N, H, W, 3) in a grid with each one's text under it -> a PNG; each row leaves room
+    for the longest text, so no text runs under the next row's images."""
     cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 4.6 * rows), squeeze=False)
+    wrapped = []
+    for text in texts:
+        text = "".join(c if c.isprintable() or c == "\n" else "?" for c in text)  # an untrained model's bytes
+        wrapped.append("\n".join(textwrap.fill(line, 38) for line in text.split("\n")))
+    text_h = 0.17 * max(w.count("\n") + 1 for w in wrapped)  # inches of 9-point text under an image
+    height = (3.2 + text_h) * rows + 0.4
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, text in zip(axes.flat, images, texts):
+    for ax, img, text in zip(axes.flat, images, wrapped):
         ax.imshow(img)
-        text = "".join(c if c.isprintable() or c == "\n" else "?" for c in text)  # an untrained model's bytes
-        wrapped = "\n".join(textwrap.fill(line, 40) for line in text.split("\n"))
-        ax.text(0, -0.03, wrapped, fontsize=7, transform=ax.transAxes, va="top")  # under the image
-    fig.text(0.01, 0.01, footer, fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.3, wspace=0.08)
+        ax.text(0, -0.03, text, fontsize=9, transform=ax.transAxes, va="top")  # under the image
+    fig.text(0.01, 0.01, footer, fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.1 / height, bottom=(text_h + 0.3) / height,
+                        wspace=0.08, hspace=text_h / 3.2)
     savefig(fig, path, tight=False)
