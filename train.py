@@ -307,6 +307,8 @@ def train(idea, tc, mc, module, resume_ckpt=None):
             progress.history["train"].append((it, loss_sum))
             dt = sum(step_times) / len(step_times)
             throughput = f"{data.items(batch) * tc.grad_accum * run.world / dt:,.0f} {data.unit}/s"
+            if peak and run.device_type != "cuda":  # a CPU's peak: the fastest rate seen, at start or since
+                peak = max(peak, flops_per_iter / dt)
             mfu = f"{100 * flops_per_iter / dt / peak:.1f}%" if peak else "n/a"  # per device
             line = log_line(it, tc, loss_sum, metrics, lr, grad_norm.item(), dt, throughput, mfu)
             run.log(line, flush=True)

@@ -232,7 +232,8 @@ def check_writable(folder):
 
 
 def peak_flops(device_type):
-    """Peak FLOP/s for MFU: dense bf16 for known GPUs, a measured fp32 matmul on CPU and MPS."""
+    """Peak FLOP/s for MFU: dense bf16 for known GPUs; on CPU and MPS the best of three measured fp32
+    matmuls (train.py raises it to any faster rate training reaches, so MFU never passes 100%)."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12,
@@ -240,12 +241,15 @@ def peak_flops(device_type):
         return next((v for k, v in table.items() if k in name), None)
     a = torch.full((512, 512), 0.5, device=device_type)  # not randn: training's RNG stays untouched
     (a @ a).sum().item()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        a @ a
-        n += 1
-    (a @ a).sum().item()  # waits for queued work on MPS
-    return 2 * 512 ** 3 * n / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(3):  # the best of three: another job on the machine slows some of them
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            a @ a
+            n += 1
+        (a @ a).sum().item()  # waits for queued work on MPS
+        best = max(best, 2 * 512 ** 3 * n / (time.perf_counter() - t0))
+    return best
 
 
 def count_flops(model, batch):

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import subprocess
 import sys
@@ -171,3 +172,12 @@ def test_a_figure_is_saved_whole_and_quietly(tmp_path):
         savefig(fig, tmp_path / "a.png")
     assert [str(w.message) for w in caught] == []
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and os.listdir(tmp_path) == ["a.png"]
+
+
+def test_mfu_is_a_fraction_of_the_fastest_rate_seen(tmp_path, monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(train, "peak_flops", lambda device_type: 1.0)  # a peak far below training's rate
+    train.main(["mae", *MAE_ARGS, "--max_iters=4", "--log_interval=1", "--eval_iters=1",
+                f"--out_dir={tmp_path}"])
+    shares = [float(x) for x in re.findall(r"MFU ([\d.]+)%", capsys.readouterr().out)]
+    assert len(shares) == 4 and max(shares) == 100.0  # raised to training's own rate, never above
