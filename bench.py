@@ -333,6 +333,16 @@ def print_ratios(runs, times, read):
         print(f"{name:<34}{ms[0]:>17.2f}{ms[1]:>14.2f}{x[0]:>19.2f}x, {x[1]:.2f}x{share:>24}")
 
 
+def time_to_sight(monitor, start, bar=0.95):
+    """A run's headline: when its monitor first held `bar` (pretraining's seconds included) -> text."""
+    seen = [m for m in monitor if m["ood_exist"] >= bar]
+    if not seen:
+        best = max((m["ood_exist"] for m in monitor), default=float("nan"))
+        return f"sight {bar} not reached (best {best:.3f})"
+    m = seen[0]
+    return f"sight {bar} at iteration {m['iter']}, {start + m['seconds']:.0f} s (pretraining {start:.0f} s)"
+
+
 def plot_runs(out_dirs, path):
     """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
     logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
@@ -345,8 +355,9 @@ def plot_runs(out_dirs, path):
         start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
         if init not in ("", "none", "auto") and mae_metrics.is_file():
             start = json.loads(mae_metrics.read_text())["train_seconds"]
-        sight = [(start + m["seconds"], m["ood_exist"]) for m in ckpt["history"].get("monitor", [])
-                 if m["iter"] > 0]  # at iteration 0 the model answers neither yes nor no
+        monitor = [m for m in ckpt["history"].get("monitor", []) if m["iter"] > 0]  # iteration 0 says nothing
+        sight = [(start + m["seconds"], m["ood_exist"]) for m in monitor]
+        print(f"{d}: {time_to_sight(monitor, start)}")
         if sight:
             sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
     loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
