@@ -225,8 +225,8 @@ def test_mlm_objective_trains_and_fills_blanks_given_the_image(tmp_path):
 
 def test_time_to_sight_is_the_first_evaluation_at_the_bar(tmp_path):
     import bench
-    monitor = [{"iter": it, "seconds": sec, "ood_exist": acc}
-               for it, sec, acc in ((250, 100.0, 0.6), (500, 210.0, 0.96), (750, 300.0, 0.94), (1000, 400.0, 0.99))]
+    evaluations = ((250, 100.0, 0.6), (500, 210.0, 0.96), (750, 300.0, 0.94), (1000, 400.0, 0.99))
+    monitor = [{"iter": it, "seconds": sec, "ood_exist": acc} for it, sec, acc in evaluations]
     assert bench.time_to_sight(monitor, 60.0) == "sight 0.95 at iteration 500, 270 s (pretraining 60 s)"
     assert bench.time_to_sight(monitor[:1], 0.0) == "sight 0.95 not reached (best 0.600)"
     run("train.py", "vlm", *VLM_ARGS, "--batch_size=4", "--max_iters=2", "--eval_interval=1",
