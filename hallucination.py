@@ -22,7 +22,7 @@ from data.captioned import read_folder, read_pope_file
 from data import to_tensor
 from data.pairs import CAPTION_PROMPT, shapes_tokenizer
 from data.shapes import SHAPES, caption
-from lib.checkpoints import load_checkpoint, load_model, run_left
+from lib.checkpoints import load_checkpoint, load_model, run_left, weights_path
 from lib.common import UserError, at_least, check_writable, draw_grid, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
 from study.decoding import METHODS, decode
@@ -32,7 +32,7 @@ from study.measures import (POPE_SPLITS, chair, chair_of, marked, object_stats, 
 
 @dataclass
 class StudyConfig:
-    ckpt: str = ""               # the study's VLM; default: out_dir/biased/ckpt.pt, trained first if missing
+    ckpt: str = ""               # the study's VLM, a path or weights by name; default out_dir/biased/ckpt.pt
     data_path: str = ""          # a user's folder (data/captioned.py): the study on its images and objects
     pope_file: str = ""          # with data_path: a POPE question file of that folder's images, asked too
     control_ckpt: str = ""       # the same VLM on the unbiased world; default: out_dir/unbiased/ckpt.pt
@@ -62,6 +62,9 @@ class StudyConfig:
             raise UserError(f"noise_step={self.noise_step} must be in [0, 1000)")
         if self.pope_file and not self.data_path:
             raise UserError("--pope_file asks about a folder's images: give --data_path=DIR too")
+        for key in ("ckpt", "control_ckpt", "halved_ckpt"):  # trained weights by name: their path
+            if getattr(self, key, ""):
+                setattr(self, key, str(weights_path(getattr(self, key))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from lib.config import cli, config_help, parse_overrides, usage
 
 @dataclass
 class SampleConfig:
-    out_dir: str = ""              # where the checkpoint is; default out-<idea>
-    ckpt: str = "ckpt_best.pt"     # or ckpt.pt, the latest
+    out_dir: str = ""              # where the checkpoint is, and the pictures go; default out-<idea>
+    ckpt: str = "ckpt_best.pt"     # or ckpt.pt, the latest; or the name of trained weights (weights/NAME.pt)
     device: str = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0                  # for sampling and for the masks
     n: int = 8                     # how many held-out examples
@@ -62,6 +62,7 @@ def load(idea, opts):
         path = out_dir / "ckpt.pt"
     loaded = load_model(idea, path, pick_device(opts.device))
     check_writable(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # trained weights by name: the pictures go to out-<idea>
     return loaded
 
 

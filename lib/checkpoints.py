@@ -16,6 +16,7 @@ from data.bpe import Tokenizer
 from lib.common import UserError, check_writable, load_idea
 
 CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # trained models a class can start from
 
 
 def save_atomic(obj, path):
@@ -36,9 +37,17 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+def weights_path(path):
+    """A checkpoint's path, or the bare name of a model in weights/: `--ckpt=vlm` reads weights/vlm.pt
+    where there is no file of that name."""
+    path, named = Path(path), WEIGHTS / f"{Path(path).name}.pt"
+    return named if not path.is_file() and path.suffix == "" and named.is_file() else path
+
+
 def load_checkpoint(path, idea):
-    """A checkpoint of `idea`, or a one-line error: missing, unreadable, or another idea's."""
-    path = Path(path)
+    """A checkpoint of `idea` (a run's, or trained weights from weights/), or a one-line error:
+    missing, unreadable, or another idea's."""
+    path = weights_path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train first (python train.py {idea}) or check --out_dir")
     try:
@@ -49,7 +58,7 @@ def load_checkpoint(path, idea):
         raise UserError(f"{path} is not a checkpoint written by train.py")
     if ckpt["idea"] != idea:
         raise UserError(f"{path} is a {ckpt['idea']!r} checkpoint, not {idea!r}")
-    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    missing = [k for k in (("model", "config") if ckpt.get("weights_only") else CKPT_KEYS) if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict) or set(ckpt["config"]) != {"train", "model"}:
         what = ", ".join(missing) or "its config"
         raise UserError(f"{path} lacks {what}: not a complete train.py checkpoint")
@@ -125,6 +134,32 @@ def load_model(idea, path, device="cpu"):
 
 
 
+def export_weights(idea, src, dst, device="cpu"):
+    """A run's checkpoint -> trained weights a class can start from: the model in half precision, its
+    config and its words, no optimizer (a few MB), and the idea's monitor measured on those very
+    weights, which `check_weights` must find again -> that figure."""
+    ckpt = load_checkpoint(src, idea)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    keep = {k: ckpt.get(k) for k in ("config", "tokenizer", "data_fingerprint", "iter", "best_val_loss")}
+    out = {"idea": idea, "weights_only": True, "model": half, **keep}
+    out["check"] = check_weights(idea, out, device)
+    save_atomic(out, dst)
+    return out["check"]
+
+
+def check_weights(idea, ckpt, device="cpu"):
+    """What the idea's monitor says of a checkpoint's model (as it loads: half precision read back
+    into float32) -> its figures, {} for an idea without a monitor."""
+    module = load_idea(idea)
+    if not hasattr(module, "monitor"):
+        return {}
+    model = module.Model(without_init(config_from(module, ckpt)), **saved_tokenizer(ckpt))
+    model.load_state_dict(ckpt["model"])
+    data = module.Data(model.cfg, seed=ckpt["config"]["train"]["seed"], verbose=False)
+    with torch.random.fork_rng(devices=[]):
+        return module.monitor(model.to(device), data, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # A run's folder
 
@@ -176,3 +211,24 @@ def check_resume_shapes(model, ckpt, model_cfg):
     if missing:
         raise UserError(f"cannot resume: the checkpoint's weights do not match this model "
                         f"({missing[0]}, ...)")
+
+
+def main(argv):
+    """python -m lib.checkpoints IDEA RUN/ckpt.pt weights/NAME.pt: a run's model as trained weights."""
+    from lib.config import usage
+    if len(argv) != 3 or "-h" in argv or "--help" in argv:
+        return usage("usage: python -m lib.checkpoints IDEA RUN/ckpt.pt weights/NAME.pt   (a run's model "
+                     "as weights a class can start from: half precision, no optimizer)", argv)
+    idea, src, dst = argv
+    if Path(dst).suffix != ".pt" or not Path(dst).parent.is_dir():
+        raise UserError(f"{dst}: give a .pt path in an existing folder")
+    check_writable(Path(dst).parent)
+    figures = export_weights(idea, src, dst)
+    size = Path(dst).stat().st_size / 2 ** 20
+    print(f"wrote {dst} ({size:.1f} MB); on these weights: {figures or 'no monitor for ' + idea}")
+    return 0
+
+
+if __name__ == "__main__":
+    from lib.config import cli
+    cli(main)

@@ -32,7 +32,7 @@ import vlm
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from hallucination import (StudyConfig, ask, chair_run, check_study_checkpoint, pope_run, train_or_finish,
                            vlm_configs)
-from lib.checkpoints import load_checkpoint, load_model, save_atomic
+from lib.checkpoints import load_checkpoint, load_model, save_atomic, weights_path
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
 from mae import linear_probe
@@ -299,6 +299,7 @@ class MapConfig:
 
     def __post_init__(self):
         at_least(self, 1, "seeds", "max_iters", "n_scenes")
+        self.ckpt = str(weights_path(self.ckpt)) if self.ckpt else ""  # trained weights by name
         for key in ("cooccur", "noise"):
             given = getattr(self, key)
             try:
