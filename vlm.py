@@ -1,21 +1,20 @@
 """A fused vision-language model: image patches and words in one Transformer.
 
 An image is a foreign language (ViLT, Kim et al. 2021): a ViT (`mae.ViTEncoder`) turns the picture into
-patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack of the
-same `mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image and the
-prompt attend to each other in both directions and the answer is causal; the loss counts answer tokens
-only, each text (a caption or a one-word answer) weighing the same. Generation keeps each layer's keys
-and values (a KV cache), so each new token costs one position, not the whole sequence.
+patch tokens, a small MLP projects them to the text width (LLaVA 1.5, nanoVLM), and one stack of the same
+`mae.Block` reads [image tokens, prompt, answer]. As in PaliGemma's prefix-LM, the image and the prompt
+attend to each other in both directions and the answer is causal; the loss counts answer tokens only, each
+text (a caption or a one-word answer) weighing the same. Generation keeps each layer's keys and values (a
+KV cache), so each new token costs one position, not the whole sequence.
 
 `--objective=mlm` trains ViLT/UNITER's other task instead: the caption, masked as BERT masks
-(`mlm.mask_tokens`), beside the image, everything attending to everything. It settles what `mlm.py`
-left open: a masked colour cannot be known from the words, but it can from the pixels.
+(`mlm.mask_tokens`), beside the image, everything attending to everything. It settles what `mlm.py` left
+open: a masked colour cannot be known from the words, but it can from the pixels.
 
-The shapes world is biased (some shapes bring a partner); `evaluate` asks questions and reads
-captions on held-out scenes of the biased `val` split and of the `ood` split, where the bias is
-broken, and compares attribute-word accuracy with the real image against a blank one: the language
-prior alone. `hallucination.py` builds on `start`/`step`, which take any image, noised or blank.
-"""
+The shapes world is biased (some shapes bring a partner); `evaluate` asks questions and reads captions on
+held-out scenes of the biased `val` split and of the `ood` split, where the bias is broken, and compares
+attribute-word accuracy with the real image against a blank one: the language prior alone.
+`hallucination.py` builds on `start`/`step`, which take any image, noised or blank."""
 import hashlib
 import math
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.captioned import FolderPairs, folder_tokenizer
+from data.captioned import FolderPairs, folder_tokenizer, read_folder
 from data.pairs import CAPTION_PROMPT, ShapesPairs, blank_like, length_groups, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, SHAPES, SIZES, caption, object_match, parse_caption, questions
 from lib.checkpoints import load_checkpoint, load_encoder, run_left
@@ -98,10 +97,12 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
     def check_flags(self, given):
-        """Keys given on the command line that would do nothing are a mistake: the world's, with a folder."""
+        """Before any work: keys given that would do nothing (the world's, with a folder) are a mistake."""
         world = [k for k in given if k in ("n_train", "n_captioned", "n_eval", "cooccur", "skew", "noise")]
         if self.dataset == "folder" and world:
             raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and objects")
+        if self.dataset == "folder":  # every line read now, not after the MAE that trains on its images
+            read_folder(self.data_path)
 
 
 # the MAE first, then these: 30 minutes on 2 cores shared with a second run (README); batch_size = images
@@ -363,8 +364,7 @@ Model = VLM
 
 
 def answer_positions(x, A):
-    """(B, S, ...) over [image, prompt, answer] -> (B, A, ...): the positions that predict the A answer
-    tokens, each the one before its token."""
+    """(B, S, ...) over [image, prompt, answer] -> (B, A, ...): each answer token's position before it."""
     return x[:, -A - 1:-1]
 
 

@@ -181,6 +181,8 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*T, "--dataset=cifar10", "--data_path={notar}"], "not a readable cifar-10"),
     ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_json}"], "jsonl, line 3: not JSON"),
     ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_missing}"], "nope.png does not exist"),
+    ("train", "empty", [*VF, "--init_vision=auto", "--dataset=folder", "--data_path={cap_missing}"],
+     "nope.png does not exist"),  # found before the MAE that would train on the folder's images first
     ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_objects}"], "a list of non-empty strings"),
     ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_notext}"], "no caption and no question"),
     ("train", "empty", [*VF, "--dataset=folder", "--data_path={cap_few}"], "at least 10 are needed"),
