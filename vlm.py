@@ -101,7 +101,7 @@ class Config:
         world = [k for k in given if k in ("n_train", "n_captioned", "n_eval", "cooccur", "skew", "noise")]
         if self.dataset == "folder" and world:
             raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and objects")
-        if self.dataset == "folder":  # every line read now, not after the MAE that trains on its images
+        if self.dataset == "folder" and self.data_path:  # read now, not after the MAE trained on its images
             read_folder(self.data_path)
 
 
