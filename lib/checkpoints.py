@@ -6,14 +6,13 @@ nanochat keeps the same beside its common.py, in checkpoint_manager.py.
 import dataclasses
 import errno
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from data.bpe import Tokenizer
-from lib.common import UserError, check_writable, load_idea
+from lib.common import UserError, check_writable, load_idea, written_whole
 
 CKPT_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best_val_loss", "rng", "history")
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # trained models a class can start from
@@ -21,20 +20,16 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # trained models a cl
 
 def save_atomic(obj, path):
     """torch.save(obj), or a str's text, to path: whole or not at all, and a full disk is one line."""
-    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"  # unique: two writers never share one
     try:
-        if isinstance(obj, str):
-            Path(tmp).write_text(obj)
-        else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+        with written_whole(path) as tmp:  # a crash mid-write never leaves a half checkpoint behind
+            if isinstance(obj, str):
+                Path(tmp).write_text(obj)
+            else:
+                torch.save(obj, tmp)
     except RuntimeError as e:  # torch's writer says only "unexpected pos ..." when the disk is full
         if "inline_container" not in str(e):
             raise
         raise OSError(errno.ENOSPC, "torch could not finish writing it (a full disk?)", str(path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def weights_path(path):

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,20 +277,29 @@ def pyplot():
     return plt
 
 
+@contextmanager
+def written_whole(path):
+    """Yields a temporary name beside path, which replaces path only when the block ends without an
+    error: a crash or a full disk midway leaves the old file (or none), never half of one."""
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"  # unique: two writers never share one
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def savefig(fig, path, dpi=100, tight=True):
     """The figure to path as a whole PNG or not at all (a full disk midway leaves the old one)."""
-    tmp = f"{path}.{os.getpid()}.tmp.png"
     try:
-        with warnings.catch_warnings():  # an untrained model's text: any byte, drawn as an empty box
+        with warnings.catch_warnings(), written_whole(path) as tmp:  # an untrained model's text: any byte
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             if tight:
                 fig.tight_layout()
-            fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:] or "png")
     finally:
         pyplot().close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_losses(curves, path, xlabel="iteration"):

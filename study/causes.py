@@ -31,7 +31,7 @@ import torch
 import vlm
 from data.shapes import PARTNER, SHAPES, exist_question, render_scene
 from hallucination import (StudyConfig, ask, chair_run, check_study_checkpoint, pope_run, train_or_finish,
-                           vlm_configs)
+                           vlm_configs, yes_no_tokens)
 from lib.checkpoints import load_checkpoint, load_model, save_atomic, weights_path
 from lib.common import UserError, at_least, check_writable, pick_device, pyplot, savefig
 from lib.config import cli, config_help, parse_overrides, usage
@@ -142,7 +142,7 @@ def logit_lens(model, states):
 
 def lens_says_yes(model, states):
     """(L + 1, B) bool: does each layer's lens put P(yes) above P(no)?"""
-    yes, no = model.tok.encode(" yes")[0], model.tok.encode(" no")[0]
+    yes, no = yes_no_tokens(model.tok)  # the shapes world's words: two first tokens
     logits = logit_lens(model, states)
     return logits[..., yes] > logits[..., no]
 

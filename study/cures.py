@@ -350,10 +350,10 @@ def check_controls(cc, out_dir):
 def measure_row(make, data, name, cc, seed, stats, device):
     """Make a row's model (tuning it, for the preference rows) and measure it -> its figures."""
     model, method, context, train_seconds = make()
-    t1 = time.time()
+    t0 = time.time()
     with context:
         figures, records = run_method(model, data, name, method, cc, seed, stats, device)
-    figures["seconds"], figures["train_min"] = time.time() - t1, train_seconds / 60
+    figures["seconds"], figures["train_min"] = time.time() - t0, train_seconds / 60
     figures["partner_yes"] = partner_yes_rate(records, data.shapes["val"])
     return figures
 
