@@ -178,11 +178,12 @@ def bench_vlm(bc):
     import vlm
     device = pick_device(bc.device)
     default = vlm.Config(init_vision="none")
-    larger = replace(default, n_layer=6, n_embd=256, n_head=8)
-    encoder_free = replace(default, vision_n_layer=0, n_layer=8)
-    train_rows("vlm", (("default (vision 4x128, fused 4x128, 17 img tokens)", default),
-                       ("larger (vision 4x128, fused 6x256)", larger),
-                       ("encoder-free (no vision layers, fused 8x128)", encoder_free)), bc, device)
+    tower = replace(default, vision_n_layer=4, n_layer=4, texts_per_image=2)  # config/vlm_tower.conf
+    train_rows("vlm", (("default (encoder-free, fused 6x128, 4 texts/image)", default),
+                       ("one text per image (fused 6x128)", replace(default, texts_per_image=1)),
+                       ("tower (vision 4x128, fused 4x128, 2 texts/image)", tower),
+                       ("larger (fused 6x256, 4 texts/image)", replace(default, n_embd=256, n_head=8))),
+               bc, device)
     vlm_stages(default, bc, device)
     torch.manual_seed(0)
     model = vlm.VLM(default).to(device).eval()
@@ -213,7 +214,7 @@ def vlm_stages(cfg, bc, device):
     batches = [data.batch("train", i, bs, device) for i in range(bc.steps + 2)]
 
     def tower(b):
-        return model.image_tokens(b["images"]).float().pow(2).mean()  # forward and backward of the tower
+        return model.image_tokens(b["images"]).float().pow(2).mean()  # the image tokens' forward and backward
     t_step = time_steps(model, batches.__getitem__, bc.steps)
     t_tower = time_steps(model, batches.__getitem__, bc.steps, tower)
     t0 = time.perf_counter()
@@ -225,8 +226,9 @@ def vlm_stages(cfg, bc, device):
     padded = len(b["prompt"]) * (b["prompt"].shape[1] + b["answer"].shape[1])
     grouped = sum(len(rows) * (P + A) for rows, P, A in length_groups(b["prompt"], b["answer"], pad))
     print(f"\nwhere a training step goes (batch {bs} images x {cfg.texts_per_image} texts, forward + "
-          f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | vision tower {1000 * t_tower:7.1f} ms "
-          f"({100 * t_tower / t_step:.0f}%) | the rest (projector, fused stack, loss, optimizer) "
+          f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | image tokens (tower if any, projector) "
+          f"{1000 * t_tower:7.1f} ms "
+          f"({100 * t_tower / t_step:.0f}%) | the rest (fused stack, loss, optimizer) "
           f"{1000 * (t_step - t_tower):7.1f} ms | data {1000 * t_data:5.1f} ms")
     print(f"  text tokens a step: {real:,} real; padded to the batch's longest {padded:,}; "
           f"in two length groups {grouped:,} (what the fused stack reads, beside the image tokens)")

@@ -46,16 +46,16 @@ class Config:
     n_train: int = 20000         # training scenes (images, shared with `train.py mae`'s cache)
     n_captioned: int = 0         # 0 = every training scene has text; else only the first n (scarce labels)
     n_eval: int = 500            # held-out scenes per split (val, ood) for evaluation
-    vision_n_layer: int = 4      # the tower (mae.ViTEncoder, train.py mae's shapes); 0 = patches straight in
+    vision_n_layer: int = 0      # the tower (mae.ViTEncoder, train.py mae's shapes); 0 = patches straight in
     vision_n_head: int = 4       # the tower's heads
     vision_n_embd: int = 128     # the tower's width
     merge: int = 2               # pixel shuffle: each k x k patches become one image token (nanoVLM)
-    n_layer: int = 4             # the fused stack over [image, prompt, answer]
+    n_layer: int = 6             # the fused stack over [image, prompt, answer]
     n_head: int = 4              # the fused stack's heads
     n_embd: int = 128            # the fused stack's width
     mlp_ratio: float = 4.0       # MLP width / model width (tower and stack)
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
-    texts_per_image: int = 2     # prefix: each image comes with its caption and this many - 1 questions
+    texts_per_image: int = 4     # prefix: each image comes with its caption and this many - 1 questions
     mask_prob: float = 0.15      # mlm: the share of caption tokens masked (BERT)
     init_vision: str = "auto"    # the tower starts from: an MAE checkpoint (PATH), none (random), or auto:
                                  # out-mae beside out_dir, trained first (train.py mae) if none matches
@@ -105,9 +105,9 @@ class Config:
             read_folder(self.data_path)
 
 
-# the MAE first, then these: 30 minutes on 2 cores shared with a second run (README); batch_size = images
+# about 43 minutes on 2 cores shared with a second run (README, docs/vlm.md); batch_size = images
 train_defaults = dict(batch_size=48, lr=2e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
-                      weight_decay=0.05, eval_interval=250, eval_iters=8)
+                      weight_decay=0.05, eval_interval=125, eval_iters=8)
 
 
 def requires(cfg, out_dir):

@@ -275,8 +275,9 @@ def cure_rows(model, models, data, cc, seed, device):
                       ("least", f"control: {k} least vision-aware heads")):
         heads = scaled_heads(model, pick_heads(vhd, k, how, gen), cc.gamma)
         rows.append((name, partial(ready, model, greedy, heads)))
-    steer = vti(model, visual, textual, cc.vti_alpha)
-    rows.append(("VTI: visual + textual directions", partial(ready, model, greedy, steer)))
+    steer = vti(model, visual, textual, cc.vti_alpha)  # an encoder-free model has no tower to steer
+    vti_name = "VTI: visual + textual directions" if visual else "VTI: textual directions (no tower)"
+    rows.append((vti_name, partial(ready, model, greedy, steer)))
     steer = vti(model, random_like(visual, gen), random_like(textual, gen), cc.vti_alpha)
     rows.append(("control: random directions, same norms", partial(ready, model, greedy, steer)))
     for how, name in (("dpo", "DPO (partner negatives)"), ("sft", "control: fine-tuning on the preferred"),

@@ -8,7 +8,7 @@ import torch
 import mae
 import vlm
 from lib.checkpoints import load_checkpoint
-from tests.conftest import VLM_ARGS, VLM_TINY, evaluate_again, overfit, run
+from tests.conftest import VLM_ARGS, VLM_TINY, as_args, evaluate_again, overfit, run
 
 AUTO = [a for a in VLM_ARGS if not a.startswith("--init_vision")]  # the default: --init_vision=auto
 SHORT = ["--batch_size=4", "--max_iters=2", "--eval_iters=1"]
@@ -39,6 +39,18 @@ def test_the_default_trains_its_mae_first_then_finds_it(tmp_path):
     p = run("train.py", "vlm", *AUTO, *SHORT, "--vision_n_embd=64", "--vision_n_head=2", "--mae_max_iters=3",
             f"--out_dir={tmp_path / 'wider'}")
     assert f"--out_dir={tmp_path / 'out-mae-32-8-1-2-64-4.0'}" in p.stdout  # out-mae holds other shapes
+
+
+def test_the_default_recipe_is_encoder_free_with_four_texts_and_trains_no_mae(tmp_path):
+    sizes = {k: v for k, v in VLM_TINY.items() if not k.startswith("vision_") and k != "init_vision"}
+    p = run("train.py", "vlm", *as_args(sizes), *SHORT, f"--out_dir={tmp_path / 'vlm'}")
+    assert "first, " not in p.stdout and not (tmp_path / "out-mae").exists()  # no tower, no MAE
+    model = load_checkpoint(tmp_path / "vlm/ckpt.pt", "vlm")["config"]["model"]
+    assert (model["vision_n_layer"], model["texts_per_image"], model["init_vision"]) == (0, 4, "none")
+    cfg = vlm.Config(**sizes)
+    b = vlm.Data(cfg, seed=0, verbose=False).batch("train", 0, 4, "cpu")
+    assert len(b["images"]) == 4 and len(b["prompt"]) == 16  # each image: its caption and 3 questions
+    assert torch.bincount(b["image_index"]).tolist() == [4, 4, 4, 4]
 
 
 def test_joint_objective_is_the_vlm_loss_plus_the_mae_loss(tiny):
