@@ -407,3 +407,14 @@ def evaluate(model, data, device, n_probe=4000):
             said = linear_probe(f_train, y_train)(f_val) > 0  # (N_val, k)
             out[f"probe_{what}_{name}"] = (said.float() == y_val).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def monitor(model, data, device, n=256):
+    """Cheaply, at every evaluation (and when trained weights are checked): the masked-patch loss on
+    the first n val images under one fixed mask (seed 0) -> {'val_mask_loss': loss}."""
+    model.eval()
+    torch.manual_seed(0)  # train.py and check_weights keep the training RNG apart
+    loss = model(to_tensor(data.images["val"][:n], device))[0].item()
+    model.train()
+    return {"val_mask_loss": loss}

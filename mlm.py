@@ -256,3 +256,21 @@ def evaluate(model, data, device, n_batches=40, batch_size=64):
         out["acc_attribute_words"] = right[True][0] / max(1, right[True][1])
         out["acc_structural_words"] = right[False][0] / max(1, right[False][1])
     return out
+
+
+@torch.no_grad()
+def monitor(model, data, device, n_batches=4, batch_size=64):
+    """Cheaply, at every evaluation (and when trained weights are checked): masked-token accuracy on
+    the first n_batches val batches, BERT masking at seed 0 -> {'val_masked_acc': accuracy}."""
+    model.eval()
+    torch.manual_seed(0)  # train.py and check_weights keep the training RNG apart
+    right = n = 0
+    for k in range(n_batches):
+        ids = data.batch("val", k, batch_size, device)
+        inputs, labels = mask_tokens(ids, model.mask_id, model.n_regular, model.special_ids,
+                                     model.cfg.mask_prob)
+        sel = labels != -100
+        right += (model.logits(inputs).argmax(-1) == labels)[sel].sum().item()
+        n += sel.sum().item()
+    model.train()
+    return {"val_masked_acc": right / n}
