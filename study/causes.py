@@ -234,33 +234,38 @@ def plot_runs_by_sight(ax, cs, grid):
         ax.scatter(sight, [f["random_absent_yes"] for f in runs], color=colour, marker="x")
     ax.set(xlabel="sight (ood existence)", ylabel="yes rate: partner (o), random absent (x)",
            title="every run", ylim=(-0.02, 0.6))
-    ax.legend(fontsize=7)
+    ax.legend()
     ax.grid(alpha=0.3)
 
 
 def plot_map(cooccur, noise, grid, path):
     """The map. cooccur, noise: the grid's values ("0,0.9"); grid: {(cooccur, noise): [figures per
     seed]} -> heat maps, one per panel, mean over seeds (a cell not yet measured stays blank), and
-    every run by its sight."""
+    every run by its sight: one slide wide (1280 px), its type read from the back of a room."""
     cs, ns = sorted(cooccur.split(","), key=float), sorted(noise.split(","), key=float)
-    fig, axes = pyplot().subplots(1, len(PANELS) + 1, figsize=(4.2 * (len(PANELS) + 1), 3.6))
-    plot_runs_by_sight(axes[-1], cs, grid)
-    for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
-        m, spread, n_runs = np.full((len(cs), len(ns)), np.nan), np.zeros((len(cs), len(ns))), {}
-        for r, c in np.ndindex(m.shape):  # each cell's mean and spread over its runs
-            values = [f[key] for f in grid.get((cs[r], ns[c]), [])]
-            n_runs[r, c] = len(values)
-            if values:
-                m[r, c], spread[r, c] = np.mean(values), np.std(values)
-        ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)  # (cooccur, noise)
-        for (r, c), v in np.ndenumerate(m):
-            if np.isfinite(v):
-                colour = "w" if v < (lo + hi) / 2 else "k"
-                text = f"{v:.2f}" + (f"\n±{spread[r, c]:.2f}" if n_runs[r, c] > 1 else "")
-                ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=8)
-        ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
-               xlabel="pixel noise", ylabel="co-occurrence", title=title)
-    savefig(fig, path)
+    n = len(PANELS) + 1
+    with pyplot().rc_context({"font.size": 13, "legend.fontsize": 11}):
+        fig, axes = pyplot().subplots(2, (n + 1) // 2, figsize=(12.8, 8))
+        axes = axes.ravel()
+        for ax in axes[n:]:
+            ax.axis("off")
+        plot_runs_by_sight(axes[n - 1], cs, grid)
+        for ax, (key, title, (lo, hi)) in zip(axes, PANELS):
+            m, spread, n_runs = np.full((len(cs), len(ns)), np.nan), np.zeros((len(cs), len(ns))), {}
+            for r, c in np.ndindex(m.shape):  # each cell's mean and spread over its runs
+                values = [f[key] for f in grid.get((cs[r], ns[c]), [])]
+                n_runs[r, c] = len(values)
+                if values:
+                    m[r, c], spread[r, c] = np.mean(values), np.std(values)
+            ax.imshow(m, cmap="viridis", origin="lower", aspect="auto", vmin=lo, vmax=hi)  # (cooccur, noise)
+            for (r, c), v in np.ndenumerate(m):
+                if np.isfinite(v):
+                    colour = "w" if v < (lo + hi) / 2 else "k"
+                    text = f"{v:.2f}" + (f"\n±{spread[r, c]:.2f}" if n_runs[r, c] > 1 else "")
+                    ax.text(c, r, text, ha="center", va="center", color=colour)
+            ax.set(xticks=range(len(ns)), xticklabels=ns, yticks=range(len(cs)), yticklabels=cs,
+                   xlabel="pixel noise", ylabel="co-occurrence", title=title)
+        savefig(fig, path)
 
 
 MAP_COLUMNS = (("ood_exist", "sight", 1, 3), ("pope_random_f1", "POPE F1 random", 100, 1),

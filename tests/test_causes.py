@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import hallucination as H
 import vlm
@@ -131,7 +132,7 @@ def test_the_map_trains_each_cell_once_and_resumes(tmp_path):
     second = run(*args)
     assert "python train.py" not in second.stdout and ckpt.stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "map/map.json").read_text())["cells"] == grid  # from the cached figures
-    assert (tmp_path / "map/map.png").stat().st_size > 0
+    assert Image.open(tmp_path / "map/map.png").size == (1280, 800)  # one slide wide
     assert "| 0 / 0.3 | 1 | " in second.stdout and "| 0.9 / 0.3 | 1 | " in second.stdout  # the table
     one = run("-m", "study.causes", f"--ckpt={ckpt}", "--n_scenes=6", f"--out_dir={tmp_path / 'one'}")
     assert "BEAF partner" in one.stdout and (tmp_path / "one/layers.png").stat().st_size > 0
