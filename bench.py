@@ -226,8 +226,8 @@ def vlm_stages(cfg, bc, device):
     padded = len(b["prompt"]) * (b["prompt"].shape[1] + b["answer"].shape[1])
     grouped = sum(len(rows) * (P + A) for rows, P, A in length_groups(b["prompt"], b["answer"], pad))
     print(f"\nwhere a training step goes (batch {bs} images x {cfg.texts_per_image} texts, forward + "
-          f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | image tokens (tower if any, projector) "
-          f"{1000 * t_tower:7.1f} ms "
+          f"backward + AdamW):\n  whole step {1000 * t_step:7.1f} ms | image tokens (tower if any, "
+          f"projector) {1000 * t_tower:7.1f} ms "
           f"({100 * t_tower / t_step:.0f}%) | the rest (fused stack, loss, optimizer) "
           f"{1000 * (t_step - t_tower):7.1f} ms | data {1000 * t_data:5.1f} ms")
     print(f"  text tokens a step: {real:,} real; padded to the batch's longest {padded:,}; "
