@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -49,13 +50,18 @@ def check_export(folder):
 def export(folder, ec, verbose=True):
     """Every scene as a PNG under folder/{train,val}/, and metadata.jsonl: its caption, the shapes
     world's questions (which shapes, "is there a ...?" about every shape, colour, position, shape,
-    count) and its objects. Written into a fresh folder beside `folder` and renamed into place at the
-    end, so a stop, a crash or a full disk midway leaves no folder at all, never half of one."""
+    count) and its objects, written whole or not at all (written_folder)."""
+    written_folder(folder, partial(write_world, ec=ec, verbose=verbose))
+
+
+def written_folder(folder, write):
+    """write(tmp) fills a fresh folder beside `folder`, renamed into place at the end: a stop, a crash or
+    a full disk midway leaves no folder at all, never half of one (data/compose.py writes this way too)."""
     check_export(folder)
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.export-{os.getpid()}"
     try:
-        write_world(tmp, ec, verbose)
+        write(tmp)
         if folder.exists():
             folder.rmdir()  # empty: checked above
         tmp.rename(folder)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -411,3 +412,59 @@ def test_init_vision_auto_on_a_folder_pretrains_the_mae_on_its_images(tmp_path):
     vlm_ckpt = torch.load(tmp_path / "vlm/ckpt.pt", weights_only=True)
     assert vlm_ckpt["config"]["model"]["init_vision"] == str(mae_dir / "ckpt.pt")
     assert not (tmp_path / "out-mae").exists()  # the shapes world's MAE is not the folder's
+
+
+def photo_dirs(tmp_path, colours=((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+    """Flat-coloured 'photos' named by object (red_box.png ...), and one grey background."""
+    objects, backgrounds = tmp_path / "objects", tmp_path / "backgrounds"
+    objects.mkdir()
+    backgrounds.mkdir()
+    for name, colour in zip(("red_box", "green_box", "blue_box"), colours):
+        Image.new("RGB", (40, 30), colour).save(objects / f"{name}.png")
+    Image.new("RGB", (50, 80), (128, 128, 128)).save(backgrounds / "grey.png")
+    return objects, backgrounds
+
+
+def test_composed_photos_say_what_is_where(tmp_path):
+    import numpy as np
+    from data.compose import ComposeConfig, read_photos, write_scenes
+    from data.export import written_folder
+    from data.shapes import position_name
+    from functools import partial
+    objects, backgrounds = photo_dirs(tmp_path)
+    cc = ComposeConfig(n_train=16, n_val=4, img_size=48, max_objects=2)
+    photos = dict(objects=read_photos(objects, "objects", 2), backgrounds=read_photos(backgrounds, "b", 1))
+    written_folder(tmp_path / "out", partial(write_scenes, cc=cc, verbose=False, **photos))
+    records = read_folder(tmp_path / "out")
+    assert len(records) == 20 and [r["split"] for r in records].count("val") == 4
+    colours = {"red box": (200, 30, 30), "green box": (30, 200, 30), "blue box": (30, 30, 200)}
+    for r in records:
+        image = np.asarray(Image.open(tmp_path / "out" / r["file_name"]))
+        assert 1 <= len(r["objects"]) <= 2 and r["objects"] == sorted(r["objects"])
+        for cell in range(9):  # each cell's centre pixel: an object's colour exactly where the caption says
+            row, col = divmod(cell, 3)
+            pixel = tuple(image[row * 16 + 8, col * 16 + 8].tolist())
+            phrases = re.split(", | and ", r["captions"][0])  # "a small red box at the top left", ...
+            where = position_name(cell)
+            named = [n for n in colours if any(p.endswith(f"{n} at the {where}") for p in phrases)]
+            assert pixel == (colours[named[0]] if named else (128, 128, 128)), (r, cell)
+        for q, answer in r["qa"]:
+            if q.startswith("is there"):
+                asked = q.removeprefix("is there a ").removesuffix("?")
+                assert answer == ("yes" if asked in r["objects"] else "no")
+    again = tmp_path / "again"
+    written_folder(again, partial(write_scenes, cc=cc, verbose=False, **photos))
+    assert (again / "metadata.jsonl").read_text() == (tmp_path / "out/metadata.jsonl").read_text()  # seeded
+
+
+def test_composing_from_bad_photos_is_one_line_and_writes_nothing(tmp_path):
+    from tests.conftest import run
+    objects, backgrounds = photo_dirs(tmp_path)
+    (objects / "broken.png").write_bytes(b"not a png")
+    cases = [([str(objects), str(backgrounds)], "broken.png is not an image"),
+             ([str(backgrounds), str(backgrounds)], "holds 1 png/jpg photos; give at least 2"),
+             ([str(tmp_path / "nowhere"), str(backgrounds)], "is not a folder")]
+    for args, said in cases:
+        p = run("-m", "data.compose", *args, str(tmp_path / "out"), "--n_train=12", check=False)
+        assert p.returncode == 2 and p.stdout == "" and said in p.stderr and len(p.stderr.splitlines()) == 1
+        assert not (tmp_path / "out").exists()
