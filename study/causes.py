@@ -295,7 +295,7 @@ class MapConfig:
     cooccur: str = "0,0.45,0.9"  # the grid: co-occurrence strengths (0.45: the study's bias halved) ...
     noise: str = "0,0.1,0.2,0.4" # ... x pixel noise std (a fraction of 255)
     seeds: int = 1               # training seeds per cell; with --ckpt, evaluation seeds
-    max_iters: int = 3000        # every cell's VLM budget, the same for all (the study model's)
+    max_iters: int = 2000        # every cell's VLM budget, the same for all (the study model's)
     n_scenes: int = 300          # POPE scenes per split, partner questions, BEAF scenes
     config: str = ""             # a config file for every cell's `train.py vlm` (a smaller model, say)
     ckpt: str = ""               # given: BEAF and the layers of this VLM, instead of the map
@@ -346,7 +346,8 @@ def cells(map_cfg):
 
 
 def train_cell(map_cfg, cooccur, noise, seed):
-    """The cell's VLM, trained (or finished) in its folder; the MAE is shared: out_dir/out-mae."""
+    """The cell's VLM, trained (or finished) in its folder (a tower's MAE, where a config gives one, is
+    shared: out_dir/out-mae)."""
     folder = cell_dir(map_cfg, cooccur, noise, seed)
     args = [*([map_cfg.config] if map_cfg.config else []), f"--cooccur={cooccur}", f"--noise={noise}",
             f"--max_iters={map_cfg.max_iters}", f"--seed={1337 + seed}"]
