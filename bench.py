@@ -179,10 +179,10 @@ def bench_vlm(bc):
     device = pick_device(bc.device)
     default = vlm.Config(init_vision="none")
     tower = replace(default, vision_n_layer=4, n_layer=4, texts_per_image=2)  # config/vlm_tower.conf
-    train_rows("vlm", (("default (encoder-free, fused 6x128, 4 texts/image)", default),
-                       ("one text per image (fused 6x128)", replace(default, texts_per_image=1)),
-                       ("tower (vision 4x128, fused 4x128, 2 texts/image)", tower),
-                       ("larger (fused 6x256, 4 texts/image)", replace(default, n_embd=256, n_head=8))),
+    train_rows("vlm", (("default (no tower, fused 6x128, 4 texts)", default),
+                       ("one text per image", replace(default, texts_per_image=1)),
+                       ("tower (ViT 4x128, fused 4x128, 2 texts)", tower),
+                       ("larger (fused 6x256, 4 texts)", replace(default, n_embd=256, n_head=8))),
                bc, device)
     vlm_stages(default, bc, device)
     torch.manual_seed(0)
