@@ -52,9 +52,13 @@ def read_photos(folder, what, at_least_n):
         raise UserError(f"{what}: {folder} is not a folder")
     photos = {}
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES):
+        name = " ".join(path.stem.replace("_", " ").lower().split())
+        if not name or name in photos:
+            raise UserError(f"{what}: {path} names {'no object' if not name else 'an object named twice'}; "
+                            f"one photo an object, named by its file")
         try:
             with Image.open(path) as im:
-                photos[path.stem.replace("_", " ").strip().lower()] = im.convert("RGB")
+                photos[name] = im.convert("RGB")
         except OSError:
             raise UserError(f"{what}: {path} is not an image pillow can read") from None
     if len(photos) < at_least_n:
@@ -77,9 +81,9 @@ def compose_scene(objects, backgrounds, rng, size, max_objects):
     a background, then 1 to max_objects different objects, each in a cell of its own, centred there."""
     names = sorted(objects)
     bg = backgrounds[sorted(backgrounds)[rng.integers(len(backgrounds))]]
-    side = int(rng.integers(min(bg.size) // 2, min(bg.size) + 1))  # a square of half to all of it
-    left, top = int(rng.integers(0, bg.width - side + 1)), int(rng.integers(0, bg.height - side + 1))
-    canvas = bg.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    crop = int(rng.integers(min(bg.size) // 2, min(bg.size) + 1))  # a square of half to all of it
+    left, top = int(rng.integers(0, bg.width - crop + 1)), int(rng.integers(0, bg.height - crop + 1))
+    canvas = bg.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
     cell_px = size // 3
     n = int(rng.integers(1, min(len(names), max_objects) + 1))
     chosen = rng.choice(len(names), n, replace=False)
@@ -96,20 +100,21 @@ def compose_scene(objects, backgrounds, rng, size, max_objects):
     return canvas, placed
 
 
-def a(words):
+def article(words):
     """'a cat', 'an astronaut'."""
-    return ("an " if words[:1] in "aeiou" else "a ") + words
+    return ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def describe(placed, names, rng):
     """A scene's words: caption, objects, questions -> a metadata.jsonl record (without file_name)."""
-    caption = join_words([f"{a(size)} {name} at the {position_name(cell)}" for name, size, cell in placed])
+    phrases = [f"{article(size)} {name} at the {position_name(cell)}" for name, size, cell in placed]
+    caption = join_words(phrases)
     present = sorted({name for name, _, _ in placed})
     absent = [n for n in names if n not in present]
     asked = present[rng.integers(len(present))]
-    qa = [(f"is there {a(asked)}?", "yes")]
+    qa = [(f"is there {article(asked)}?", "yes")]
     if absent:
-        qa.append((f"is there {a(absent[rng.integers(len(absent))])}?", "no"))
+        qa.append((f"is there {article(absent[rng.integers(len(absent))])}?", "no"))
     name, _, cell = placed[rng.integers(len(placed))]  # each object appears once: one answer
     qa.append((f"where is the {name}?", position_name(cell)))
     return {"caption": caption, "objects": present, "qa": [{"q": q, "a": a} for q, a in qa]}

@@ -466,6 +466,11 @@ def test_composing_from_bad_photos_is_one_line_and_writes_nothing(tmp_path):
     cases = [([str(objects), str(backgrounds)], "broken.png is not an image"),
              ([str(backgrounds), str(backgrounds)], "holds 1 png/jpg photos; give at least 2"),
              ([str(tmp_path / "nowhere"), str(backgrounds)], "is not a folder")]
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("cat.png", "cat.jpg", "dog.png"):
+        Image.new("RGB", (8, 8)).save(twice / name)
+    cases.append(([str(twice), str(backgrounds)], "an object named twice"))
     for args, said in cases:
         p = run("-m", "data.compose", *args, str(tmp_path / "out"), "--n_train=12", check=False)
         assert p.returncode == 2 and p.stdout == "" and said in p.stderr and len(p.stderr.splitlines()) == 1
