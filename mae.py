@@ -10,6 +10,7 @@ encoder learns to make this possible is a representation; a linear probe on it m
 This file also defines the Transformer `Block` that every idea in the repo uses: images, text and
 both at once go through the same block ("an image is a foreign language").
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class Config:
     mask_ratio: float = 0.75      # share of patches hidden from the encoder
     masking: str = "random"       # random | block (BEiT) | grid
     norm_pix_loss: bool = True    # predict each patch normalised by its own mean and variance
+    maskings = ("random", "block", "grid")  # not a key: what --masking may name here (mim.py adds more)
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "n_train", "n_val", "patch_size", "n_layer", "n_head", "n_embd",
@@ -49,7 +51,7 @@ class Config:
         divisible(self, "img_size", "patch_size")
         if not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
-        one_of(self, "masking", MASKINGS)
+        one_of(self, "masking", self.maskings)
         one_of(self, "dataset", ("shapes", "folder", "cifar10"))
         if self.dataset == "folder" and not self.data_path:
             raise UserError("--dataset=folder needs --data_path=DIR, the folder of your png/jpg images")
@@ -220,9 +222,6 @@ def grid_noise(N, grid, device):
     return ((~keep).float().view(N, -1) + 0.5 * torch.rand(N, grid * grid)).to(device)  # (N, L)
 
 
-MASKINGS = ("random", "block", "grid")
-
-
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -242,17 +241,18 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd)
 
-    def forward(self, imgs, mask_ratio=0.0, masking="random"):
+    def forward(self, imgs, mask_ratio=0.0, masking="random", noise=None):
+        """noise: (N, L) scores to keep the lowest of, made by the caller (mim.py's maskings); else
+        masking names how they are drawn: random (uniform), block or grid."""
         x = self.patch_embed(patchify(imgs, self.p))  # (N, L, D)
         x = x + self.pos_embed[:, 1:]
         N, L, _ = x.shape
         if mask_ratio > 0:
-            noise = None  # random: uniform scores; block and grid shape them
-            if masking == "block":
+            if noise is None and masking == "block":
                 noise = block_noise(N, self.grid, mask_ratio, x.device)
-            elif masking == "grid":
+            elif noise is None and masking == "grid":
                 noise = grid_noise(N, self.grid, x.device)
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (N, len_keep, D)
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (N, len_keep, D); None: uniform
         else:
             mask = torch.zeros(N, L, device=x.device)
             ids_restore = torch.arange(L, device=x.device).expand(N, L)
@@ -380,32 +380,54 @@ def linear_probe(x, y, steps=300, weight_decay=1e-3):
     return logits
 
 
-def evaluate(model, data, device, n_probe=4000):
-    """Beyond the loss: the best constant prediction as the baseline, and linear probes."""
-    from data.shapes import COLOURS, SHAPES
-    val = data.images["val"]
-    target = model.target(to_tensor(val[:512], "cpu"))  # (N, L, p*p*3)
-    # the best single prediction for every patch is the mean target; its loss is the variance
-    out = {"best_constant_loss": target.var(dim=(0, 1), unbiased=False).mean().item()}
-    if not data.shapes:
-        return out
+def probe_labels(split):
+    """What the probes ask of a shapes split -> {what: float (N, K) labels}: which shapes, colours and
+    sizes appear, which of the grid's cells hold an object, and the count as "at least 2, 3, ... objects"."""
+    from data.shapes import COLOURS, SHAPES, SIZES
+    count = (split.objects[:, :, 0] >= 0).sum(1)  # (N,)
+    at_least_k = [count >= k for k in range(2, split.world.max_objects + 1)]
+    return {"shape": split.presence(0, len(SHAPES)), "colour": split.presence(1, len(COLOURS)),
+            "size": split.presence(2, len(SIZES)), "position": split.presence(3, split.world.grid ** 2),
+            "count": np.stack(at_least_k, 1).astype(np.float32)}
+
+
+def probes(encoder, name, data, device, n_probe=4000):
+    """Linear probes of a frozen encoder's mean-pooled features, beside two controls: a random-init
+    encoder of the same shapes and 4x4-pooled raw pixels -> {'probe_{what}_{name}': accuracy on val,
+    over every label of that kind}."""
     train, test = data.shapes["train"], data.shapes["val"]
     n = min(n_probe, len(train))
-    random_encoder = MAE(model.cfg).to(device).encoder
+    torch.manual_seed(0)  # the random-init control: this encoder's shapes, the same draw for every model
+    random_encoder = copy.deepcopy(encoder).apply(init_weights)
+    nn.init.normal_(random_encoder.cls_token, std=0.02)
 
     def pixels(images):  # (N, H, W, 3) uint8 -> (N, 3*H/4*W/4): 4x4-pooled raw pixels
         return F.avg_pool2d(torch.from_numpy(np.array(images)).float().permute(0, 3, 1, 2), 4).flatten(1)
 
-    feats = {name: (f(train.images[:n]), f(test.images)) for name, f in (
-        ("mae", lambda x: features(model.encoder, x, device)),
-        ("random_init", lambda x: features(random_encoder, x, device)),
-        ("pixels", pixels))}
-    for what, column, k in (("shape", 0, len(SHAPES)), ("colour", 1, len(COLOURS))):
-        y_train = torch.from_numpy(train.presence(column, k)[:n])
-        y_val = torch.from_numpy(test.presence(column, k))
-        for name, (f_train, f_val) in feats.items():
-            said = linear_probe(f_train, y_train)(f_val) > 0  # (N_val, k)
-            out[f"probe_{what}_{name}"] = (said.float() == y_val).float().mean().item()
+    feats = {}
+    for key, enc in ((name, encoder), ("random_init", random_encoder)):
+        feats[key] = (features(enc, train.images[:n], device), features(enc, test.images, device))
+    feats["pixels"] = (pixels(train.images[:n]), pixels(test.images))
+    out = {}
+    for what, y_train in probe_labels(train).items():
+        y_train, y_val = torch.from_numpy(y_train[:n]), torch.from_numpy(probe_labels(test)[what])
+        for key, (f_train, f_val) in feats.items():
+            said = linear_probe(f_train, y_train)(f_val) > 0  # (N_val, K)
+            out[f"probe_{what}_{key}"] = (said.float() == y_val).float().mean().item()
+    return out
+
+
+def best_constant_loss(model, data, n=512):
+    """The loss of the best single prediction for every patch, the mean target: its variance."""
+    target = model.target(to_tensor(data.images["val"][:n], "cpu"))  # (N, L, p*p*3)
+    return target.var(dim=(0, 1), unbiased=False).mean().item()
+
+
+def evaluate(model, data, device, n_probe=4000):
+    """Beyond the loss: the best constant prediction as the baseline, and linear probes."""
+    out = {"best_constant_loss": best_constant_loss(model, data)}
+    if data.shapes:
+        out.update(probes(model.encoder, "mae", data, device, n_probe))
     return out
 
 

@@ -39,9 +39,9 @@ def weights_path(path):
     return named if not path.is_file() and path.suffix == "" and named.is_file() else path
 
 
-def load_checkpoint(path, idea):
+def load_checkpoint(path, idea, also=()):
     """A checkpoint of `idea` (a run's, or trained weights from weights/), or a one-line error:
-    missing, unreadable, or another idea's."""
+    missing, unreadable, or another idea's (ideas in `also` are welcome too)."""
     path = weights_path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train first (python train.py {idea}) or check --out_dir")
@@ -51,7 +51,7 @@ def load_checkpoint(path, idea):
         raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}") from None
     if not isinstance(ckpt, dict) or "idea" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by train.py")
-    if ckpt["idea"] != idea:
+    if ckpt["idea"] != idea and ckpt["idea"] not in also:
         raise UserError(f"{path} is a {ckpt['idea']!r} checkpoint, not {idea!r}")
     missing = [k for k in (("model", "config") if ckpt.get("weights_only") else CKPT_KEYS) if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict) or set(ckpt["config"]) != {"train", "model"}:
@@ -61,9 +61,10 @@ def load_checkpoint(path, idea):
 
 
 def load_encoder(vit, path, flag):
-    """Copy the encoder of an MAE checkpoint written by `train.py mae` into a ViT (mae.ViTEncoder): a
-    tower that starts from what the MAE learned. flag: the option that named path, for the error."""
-    weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae")["model"].items()
+    """Copy the encoder of an MAE checkpoint written by `train.py mae` (or `mim`) into a ViT
+    (mae.ViTEncoder): a tower that starts from what the MAE learned. flag: the option that named
+    path, for the error."""
+    weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae", ("mim",))["model"].items()
                if k.startswith("encoder.")}
     own = vit.state_dict()
     for k in [*own, *sorted(weights.keys() - own.keys())]:  # the tower's own first, then what it lacks

@@ -69,7 +69,8 @@ def test_train_end_to_end_then_sample(tmp_path):
     assert ckpt["iter"] == 6 and ckpt["config"]["train"]["max_iters"] == 6
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    probes = {"probe_shape_mae", "probe_shape_random_init", "probe_shape_pixels", "best_constant_loss"}
+    probes = {f"probe_{w}_{k}" for w in ("shape", "colour", "size", "position", "count")
+              for k in ("mae", "random_init", "pixels")} | {"best_constant_loss"}
     assert probes <= set(metrics)
     p = run("sample.py", "mae", f"--out_dir={tmp_path}", "--n=3")
     assert p.stdout.count("masked-patch loss") == 4 and (tmp_path / "sample_mae.png").exists()
