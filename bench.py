@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run: `python bench.py mae|mlm|vlm|hallucination [--steps=N]`;
+"""Speed, measured side by side in one run: `python bench.py mae|mim|mlm|vlm|hallucination [--steps=N]`;
 and time to sight, runs of `train.py vlm` drawn side by side: `python bench.py sight RUN ... OUT.png`.
 
 Absolute times on shared machines are noisy; the ratios in one run are what to read. Each
@@ -138,6 +138,15 @@ def bench_mae(bc):
     print(f"  cached batches   {cached:>10,.0f} images/s = {cached / step_ips:6.1f}x the training step")
     print(f"  render on the fly{rendered:>10,.0f} images/s = {rendered / step_ips:6.1f}x the training step "
           f"(one process; the cache is built once per split)")
+
+
+def bench_mim(bc):
+    """A training step of each target and each masking of mim.py, side by side (the teachers random:
+    a trained one costs the same)."""
+    import mim
+    rows = [(f"--target={t}", mim.Config(target=t)) for t in mim.TARGETS]
+    rows += [(f"--masking={m}", mim.Config(masking=m)) for m in mim.Config.maskings if m != "random"]
+    train_rows("mim", rows, bc, pick_device(bc.device))
 
 
 def bench_mlm(bc):
@@ -372,7 +381,7 @@ def plot_runs(out_dirs, path):
     savefig(fig, path)
 
 
-BENCHES = {"mae": bench_mae, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}
+BENCHES = {"mae": bench_mae, "mim": bench_mim, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}
 
 
 def sight(argv):

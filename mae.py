@@ -301,10 +301,13 @@ class MAE(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return target
 
+    def patch_loss(self, imgs, pred):
+        """Mean squared error of each patch -> (N, L) (mim.py's other targets change only this)."""
+        return ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)
+
     def forward_loss(self, imgs, pred, mask):
-        """Mean squared error per patch, averaged over masked patches -> (N,) per image."""
-        loss = ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)  # (N, L)
-        return (loss * mask).sum(1) / mask.sum(1)  # (N,)
+        """The patch loss averaged over masked patches -> (N,) per image."""
+        return (self.patch_loss(imgs, pred) * mask).sum(1) / mask.sum(1)  # (N,)
 
     def forward(self, imgs):
         latent, mask, ids_restore = self.encoder(imgs, self.cfg.mask_ratio, self.cfg.masking)

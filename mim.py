@@ -204,7 +204,7 @@ class MIM(MAE):
             with torch.no_grad():
                 z = self.teacher(imgs)[0][:, 1:]  # (N, L, D): the teacher sees every patch
             return F.smooth_l1_loss(pred.float(), F.layer_norm(z, z.shape[-1:]), reduction="none").mean(-1)
-        return ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)  # pixels, norm_pix: mae.py's
+        return super().patch_loss(imgs, pred)  # pixels, norm_pix: mae.py's squared error
 
     @torch.no_grad()
     def mask_scores(self, imgs):
@@ -226,11 +226,11 @@ class MIM(MAE):
         noise = self.mask_scores(imgs)
         latent, mask, ids_restore = self.encoder(imgs, cfg.mask_ratio, cfg.masking, noise)
         out = self.forward_decoder(latent, ids_restore)  # (N, L, width)
-        pred = out[..., :-1] if cfg.masking == "hard" else out
+        if cfg.masking != "hard":
+            return self.forward_loss(imgs, out, mask).mean(), {}
+        pred = out[..., :-1]  # (N, L, width - 1), and the last output is the predicted loss
         per_patch = self.patch_loss(imgs, pred)  # (N, L)
         loss = (per_patch * mask).sum(1) / mask.sum(1)  # (N,): hidden patches only
-        if cfg.masking != "hard":
-            return loss.mean(), {}
         rank = rank_loss(out[..., -1], per_patch.detach(), mask).mean()
         if self.training:
             self.step += 1

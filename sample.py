@@ -1,8 +1,10 @@
-"""Look at what a trained model does: `python sample.py mae|mlm|vlm [--key=value ...]`.
+"""Look at what a trained model does: `python sample.py mae|mim|mlm|vlm [--key=value ...]`.
 
 mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
      original | masked | reconstruction | reconstruction with the visible patches pasted back,
      and the masked-patch loss of each image printed.
+mim: the same, with the model's own masking (colour, hard, attention); a tokens model paints each
+     hidden patch with its predicted code's patch; a features model has no pixels to show.
 mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for each blank;
      --generate writes text from an all-[MASK] sequence (or fills the prompt's blanks) and shows
      the intermediate steps, so you see the text appear.
@@ -11,6 +13,7 @@ vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH..
      under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
 """
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +69,24 @@ def load(idea, opts):
     return loaded
 
 
+def as_pixels(model, cfg, pred, target):
+    """What the decoder said of each patch, as pixels (N, L, p*p*3): norm-pix predictions with each
+    patch's own statistics put back (as the MAE demo does), a code's patch, or None (features)."""
+    kind = getattr(cfg, "target", "norm_pix")  # mim.py's; an MAE's is norm_pix or pixels
+    if kind == "tokens":
+        return model.codebook[pred.argmax(-1)]
+    if kind == "features":
+        return None
+    if cfg.norm_pix_loss:
+        return pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    return pred
+
+
 @torch.no_grad()
-def sample_mae(opts):
+def sample_mae(opts, idea="mae"):
     from data.images import load_image
     from mae import patchify, unpatchify
-    module, model, cfg, ckpt = load("mae", opts)
+    module, model, cfg, ckpt = load(idea, opts)
     device = next(model.parameters()).device
     if opts.image:
         paths = opts.image.split(",")
@@ -83,22 +99,24 @@ def sample_mae(opts):
     imgs = to_tensor(images, device)  # (N, 3, H, W)
     torch.manual_seed(opts.seed)
     ratio = cfg.mask_ratio if opts.mask_ratio < 0 else opts.mask_ratio
-    latent, mask, ids_restore = model.encoder(imgs, ratio, cfg.masking)
-    pred = model.forward_decoder(latent, ids_restore)  # (N, L, p*p*3)
+    noise = model.mask_scores(imgs) if idea == "mim" else None  # mim.py's maskings score the patches
+    latent, mask, ids_restore = model.encoder(imgs, ratio, cfg.masking, noise)
+    pred = model.forward_decoder(latent, ids_restore)  # (N, L, width)
+    pred = pred[..., :-1] if cfg.masking == "hard" else pred  # HPM's last output: the predicted loss
     loss = model.forward_loss(imgs, pred, mask)  # (N,)
     p = cfg.patch_size
     target = patchify(imgs, p)
-    if cfg.norm_pix_loss:  # back to pixels with each patch's own statistics, as the MAE demo does
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    said = as_pixels(model, cfg, pred, target)
     m = mask.unsqueeze(-1)  # (N, L, 1)
-    panels = {"original": imgs, "masked": unpatchify(target * (1 - m) + 0.3 * m, p),
-              "reconstruction": unpatchify(pred, p),
-              "reconstruction + visible": unpatchify(target * (1 - m) + pred * m, p)}
+    panels = {"original": imgs, "masked": unpatchify(target * (1 - m) + 0.3 * m, p)}
+    if said is not None:
+        panels.update({"reconstruction": unpatchify(said, p),
+                       "reconstruction + visible": unpatchify(target * (1 - m) + said * m, p)})
     for name, l in zip(names, loss.tolist()):
         print(f"{name}: masked-patch loss {l:.4f}")
     print(f"mean masked-patch loss {loss.mean().item():.4f} at mask ratio {ratio} ({cfg.masking})")
     N = len(names)
-    fig, axes = pyplot().subplots(N, 4, figsize=(8, 2 * N + 0.4), squeeze=False)
+    fig, axes = pyplot().subplots(N, len(panels), figsize=(2 * len(panels), 2 * N + 0.4), squeeze=False)
     for r in range(N):
         for c, (title, x) in enumerate(panels.items()):
             ax = axes[r, c]
@@ -108,7 +126,7 @@ def sample_mae(opts):
             if r == 0:
                 ax.set_title(title, fontsize=9)
         axes[r, 0].set_ylabel(f"{names[r]}\nloss {loss[r]:.3f}", fontsize=8)
-    out = Path(opts.out_dir or "out-mae") / "sample_mae.png"
+    out = Path(opts.out_dir or f"out-{idea}") / f"sample_{idea}.png"
     savefig(fig, out)
     print(f"wrote {out}")
 
@@ -208,7 +226,8 @@ def sample_vlm(opts):
     print(f"wrote {out_path}")
 
 
-SAMPLERS = {"mae": sample_mae, "mlm": sample_mlm, "vlm": sample_vlm}
+SAMPLERS = {"mae": sample_mae, "mim": partial(sample_mae, idea="mim"), "mlm": sample_mlm,
+            "vlm": sample_vlm}
 
 
 def main(argv):

@@ -1,6 +1,6 @@
-"""One training loop for every idea: `python train.py mae|mlm|vlm [config_file] [--key=value ...]`.
+"""One training loop for every idea: `python train.py mae|mim|mlm|vlm [config_file] [--key=value ...]`.
 
-In the spirit of nanoGPT's train.py. Each idea module (mae.py, mlm.py, vlm.py) shows the loop the
+In the spirit of nanoGPT's train.py. Each idea module (mae.py, mim.py, mlm.py, vlm.py) shows the loop the
 same small face, and the loop calls nothing else:
     Config            a dataclass of the idea's own keys, with laptop-CPU defaults
     train_defaults    the idea's defaults for the loop's keys (TrainConfig below)
@@ -353,7 +353,7 @@ def finish(module, model, data, run, progress, it_start, elapsed, out_dir):
 
 
 USAGE = """usage: python train.py IDEA [CONFIG_FILE] [--key=value ...]
-IDEA is one of: mae, mlm, vlm. CONFIG_FILE holds `key = value` lines (e.g. config/mae_gpu.conf).
+IDEA is one of: mae, mim, mlm, vlm. CONFIG_FILE holds `key = value` lines (e.g. config/mae_gpu.conf).
 Many processes: torchrun --standalone --nproc_per_node=N train.py IDEA ...
 Keys (python train.py IDEA --help lists the idea's own keys too):"""
 
