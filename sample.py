@@ -5,6 +5,7 @@ mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
      and the masked-patch loss of each image printed.
 mim: the same, with the model's own masking (colour, hard, attention); a tokens model paints each
      hidden patch with its predicted code's patch; a features model has no pixels to show.
+     `python sample.py masks RUN_DIR ... OUT.png` draws several runs' masks on the same scenes.
 mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for each blank;
      --generate writes text from an all-[MASK] sequence (or fills the prompt's blanks) and shows
      the intermediate steps, so you see the text appear.
@@ -226,13 +227,51 @@ def sample_vlm(opts):
     print(f"wrote {out_path}")
 
 
+@torch.no_grad()
+def masks(argv):
+    """python sample.py masks RUN_DIR [RUN_DIR ...] OUT.png: the masks of runs of `train.py mim` on the
+    same held-out scenes, one column per run (its masking, its teacher or loss head), one row per scene."""
+    from mae import patchify, unpatchify
+    if len(argv) < 2 or Path(argv[-1]).suffix.lower() != ".png":
+        raise UserError("give the run folders of train.py mim and then the .png to draw their masks into")
+    *runs, png = argv
+    check_writable(Path(png).parent)
+    loaded = [load_model("mim", Path(run) / "ckpt_best.pt") for run in runs]  # each checked first
+    module, _, cfg, ckpt = loaded[0]
+    images = module.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).images["val"][:4]
+    imgs = to_tensor(images, "cpu")  # (4, 3, H, W)
+    fig, axes = pyplot().subplots(len(imgs), len(runs) + 1, figsize=(1.6 * (len(runs) + 1), 1.6 * len(imgs)),
+                                  squeeze=False)
+    columns = [("original", imgs)]
+    for run, (_, model, run_cfg, _) in zip(runs, loaded):
+        torch.manual_seed(0)
+        _, mask, _ = model.encoder(imgs, run_cfg.mask_ratio, run_cfg.masking, model.mask_scores(imgs))
+        m = mask.unsqueeze(-1)  # (4, L, 1): 1 = hidden, drawn grey
+        target = patchify(imgs, run_cfg.patch_size)
+        columns.append((f"{run_cfg.masking}\n{Path(run).name}", unpatchify(target * (1 - m) + 0.3 * m,
+                                                                           run_cfg.patch_size)))
+    for c, (title, x) in enumerate(columns):
+        for r in range(len(imgs)):
+            axes[r, c].imshow(((x[r].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[0, c].set_title(title, fontsize=8)
+    savefig(fig, png)
+    print(f"wrote {png}")
+    return 0
+
+
 SAMPLERS = {"mae": sample_mae, "mim": partial(sample_mae, idea="mim"), "mlm": sample_mlm,
             "vlm": sample_vlm}
 
 
 def main(argv):
+    if argv and argv[0] == "masks":
+        return masks(argv[1:])
     if not argv or "-h" in argv or "--help" in argv:
-        text = "usage: python sample.py IDEA [--key=value ...]   IDEA: " + ", ".join(SAMPLERS)
+        text = ("usage: python sample.py IDEA [--key=value ...]   IDEA: " + ", ".join(SAMPLERS) + "\n"
+                "       python sample.py masks RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py mim: "
+                "their masks on the same scenes)")
         return usage(text + "\n" + config_help(SampleConfig), argv)
     idea = argv[0]
     if idea not in SAMPLERS:

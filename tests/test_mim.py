@@ -194,6 +194,8 @@ def test_train_a_stage_then_bootstrap_the_next(tmp_path):
                                                                                  "blocks.0.attn.qkv.weight"))
     p = run("sample.py", "mim", f"--out_dir={tmp_path / 'stage2'}", "--n=2")
     assert p.stdout.count("masked-patch loss") == 3 and (tmp_path / "stage2/sample_mim.png").exists()
+    p = run("sample.py", "masks", str(tmp_path / "stage1"), str(tmp_path / "stage2"), str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").exists()
     p = run("train.py", "mim", *args, "--init_teacher=nowhere.pt", f"--out_dir={tmp_path / 'x'}", check=False)
     assert p.returncode == 2 and p.stdout == "" and "no checkpoint at" in p.stderr
     assert not (tmp_path / "x").exists()
