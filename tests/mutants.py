@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES, CAUSES, CURES = "tests/test_measures.py", "tests/test_causes.py", "tests/test_cures.py"
 DECODING = "tests/test_hallucination.py"  # decoding.py's tests, and the study's
+MIM = "tests/test_mim.py"
 
 # (what the bug does, file, the line as it is, the line with the bug, the tests that must catch it)
 MUTANTS = [
@@ -87,6 +88,21 @@ MUTANTS = [
     ("a lazy import closes a cycle", "data/pairs.py", "def row_images(batch):\n",
      "def row_images(batch):\n    from data.captioned import FolderPairs  # noqa: F401\n",
      ["tests/test_house.py::test_the_import_graph_has_no_cycle_and_measures_import_no_idea"]),
+    ("AttMask hides the least attended patches", "mim.py", "return attention_scores(self.teacher, imgs)",
+     "return -attention_scores(self.teacher, imgs)", [MIM]),
+    ("HPM hides the easiest patches", "mim.py", "hardest = predicted_loss.topk(n_hard, dim=1).indices",
+     "hardest = (-predicted_loss).topk(n_hard, dim=1).indices", [MIM]),
+    ("the features target without its layer norm", "mim.py",
+     "F.smooth_l1_loss(pred.float(), F.layer_norm(z, z.shape[-1:]), reduction=\"none\")",
+     "F.smooth_l1_loss(pred.float(), z, reduction=\"none\")", [MIM]),
+    ("the rank loss's pairs ignore the mask", "mim.py", "pairs = mask[:, :, None] * mask[:, None, :]",
+     "pairs = torch.ones_like(diff)", [MIM]),
+    ("green noise low-passed instead of band-passed", "mim.py",
+     "passband = ((radius >= band[0]) & (radius <= band[1])).float()", "passband = (radius <= band[1]).float()",
+     [MIM]),
+    ("the count probe asks \"at least 1\" (always yes)", "mae.py",
+     "at_least_k = [count >= k for k in range(2, split.world.max_objects + 1)]",
+     "at_least_k = [count >= k for k in range(1, split.world.max_objects + 1)]", [MIM]),
 ]
 
 

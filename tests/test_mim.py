@@ -199,3 +199,22 @@ def test_train_a_stage_then_bootstrap_the_next(tmp_path):
     p = run("train.py", "mim", *args, "--init_teacher=nowhere.pt", f"--out_dir={tmp_path / 'x'}", check=False)
     assert p.returncode == 2 and p.stdout == "" and "no checkpoint at" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_probe_labels_by_hand():
+    """What the five probes ask, for two scenes written out: one small red circle in the centre; a
+    large blue star top left, a small red circle bottom right and a large red square top right."""
+    import numpy as np
+    from data.shapes import ShapesSplit, World
+    from mae import probe_labels
+    split = object.__new__(ShapesSplit)
+    split.world, split.n = World(), 2
+    split.objects = np.full((2, 4, 4), -1, np.int16)
+    split.objects[0, 0] = (0, 0, 0, 4)
+    split.objects[1, :3] = [(4, 2, 1, 0), (0, 0, 0, 8), (1, 0, 1, 2)]
+    labels = probe_labels(split)
+    assert labels["shape"].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 1, 0]]
+    assert labels["colour"][:, :3].tolist() == [[1, 0, 0], [1, 0, 1]] and labels["colour"][:, 3:].sum() == 0
+    assert labels["size"].tolist() == [[1, 0], [1, 1]]
+    assert labels["position"].tolist() == [[0, 0, 0, 0, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0, 0, 0, 1]]
+    assert labels["count"].tolist() == [[0, 0, 0], [1, 1, 0]]  # at least 2, 3, 4 objects
