@@ -184,7 +184,7 @@ def test_config_errors():
 
 def test_train_a_stage_then_bootstrap_the_next(tmp_path):
     """train.py mim end to end: a student of a random teacher, then the next stage taught by it (dBOT),
-    its teacher carried in the checkpoint; a wrong teacher is one line before anything starts."""
+    its teacher carried in the checkpoint; then what sample.py draws of them."""
     args = [*MAE_ARGS, "--max_iters=4", "--eval_interval=2", "--target=features"]
     run("train.py", "mim", *args, f"--out_dir={tmp_path / 'stage1'}")
     p = run("train.py", "mim", *args, f"--init_teacher={tmp_path / 'stage1/ckpt.pt'}",
@@ -195,13 +195,10 @@ def test_train_a_stage_then_bootstrap_the_next(tmp_path):
     second = load_checkpoint(tmp_path / "stage2/ckpt.pt", "mim")["model"]
     assert all(torch.equal(first[f"encoder.{k}"], second[f"teacher.{k}"]) for k in ("patch_embed.weight",
                                                                                  "blocks.0.attn.qkv.weight"))
-    p = run("sample.py", "mim", f"--out_dir={tmp_path / 'stage2'}", "--n=2")
-    assert p.stdout.count("masked-patch loss") == 3 and (tmp_path / "stage2/sample_mim.png").exists()
-    p = run("sample.py", "masks", str(tmp_path / "stage1"), str(tmp_path / "stage2"), str(tmp_path / "m.png"))
-    assert (tmp_path / "m.png").exists()
-    p = run("train.py", "mim", *args, "--init_teacher=nowhere.pt", f"--out_dir={tmp_path / 'x'}", check=False)
-    assert p.returncode == 2 and p.stdout == "" and "no checkpoint at" in p.stderr
-    assert not (tmp_path / "x").exists()
+    import sample
+    sample.main(["mim", f"--out_dir={tmp_path / 'stage2'}", "--n=2"])
+    sample.main(["masks", str(tmp_path / "stage1"), str(tmp_path / "stage2"), str(tmp_path / "m.png")])
+    assert (tmp_path / "stage2/sample_mim.png").exists() and (tmp_path / "m.png").exists()
 
 
 def test_probe_labels_by_hand():
