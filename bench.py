@@ -381,7 +381,8 @@ def plot_runs(out_dirs, path):
     savefig(fig, path)
 
 
-BENCHES = {"mae": bench_mae, "mim": bench_mim, "mlm": bench_mlm, "vlm": bench_vlm, "hallucination": bench_hallucination}
+BENCHES = {"mae": bench_mae, "mim": bench_mim, "mlm": bench_mlm, "vlm": bench_vlm,
+           "hallucination": bench_hallucination}
 
 
 def sight(argv):

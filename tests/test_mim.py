@@ -18,7 +18,8 @@ def test_defaults_are_the_mae_bit_for_bit():
     reference = MAE(MAEConfig(**TINY))
     torch.manual_seed(0)
     model = mim.MIM(mim.Config(**TINY))
-    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values()))
+    pairs = zip(reference.state_dict().values(), model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     imgs = torch.rand(3, 3, 32, 32) * 2 - 1
     torch.manual_seed(1)
     expected = reference(imgs)[0]
@@ -53,7 +54,7 @@ def test_tokens_target_is_cross_entropy_over_nearest_codes():
 def test_features_target_is_smooth_l1_on_layer_normed_teacher_features():
     torch.manual_seed(0)
     model = mim.MIM(mim.Config(**TINY, target="features"))
-    with torch.no_grad():  # a trained teacher's last norm has its own scale and shift: the target removes them
+    with torch.no_grad():  # a trained teacher's last norm has a scale and shift: the target removes them
         model.teacher.norm.weight.uniform_(0.5, 2.0)
         model.teacher.norm.bias.uniform_(-1.0, 1.0)
     imgs = torch.randn(2, 3, 32, 32)
@@ -72,7 +73,8 @@ def test_features_target_is_smooth_l1_on_layer_normed_teacher_features():
 def test_kmeans_finds_three_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
-    x = torch.cat([c + 0.1 * torch.randn(200, 2, generator=g) for c in centres] + [centres[:1].repeat(600, 1)])
+    blobs = [c + 0.1 * torch.randn(200, 2, generator=g) for c in centres]
+    x = torch.cat(blobs + [centres[:1].repeat(600, 1)])  # and many copies of one point, as backgrounds are
     codes = mim.kmeans(x, 3)
     found = sorted(codes.tolist())
     assert all(math.dist(a, b) < 0.1 for a, b in zip(found, sorted(centres.tolist()))), found
