@@ -215,7 +215,7 @@ class MIM(MAE):
         if self.cfg.masking == "attention":
             return attention_scores(self.teacher, imgs)  # the most attended score highest: hidden
         if self.cfg.masking == "hard":
-            latent, _, ids_restore = self.encoder(imgs)  # every patch seen, as the paper's predictor does
+            latent, _, ids_restore = self.encoder(imgs)  # every patch seen (this file's choice)
             predicted = self.forward_decoder(latent, ids_restore)[..., -1]  # (N, L)
             share = self.cfg.hard_share * min(1.0, self.step.item() / max(1, self.cfg.hard_ramp))
             return hard_noise(predicted, self.cfg.mask_ratio, share)
