@@ -200,6 +200,47 @@ def questions(world, split, index, objs):
     return qa
 
 
+NEGATIVES = ("add_random", "add_popular", "add_partner", "remove", "swap_colours", "swap_positions")
+
+
+def negative(kind, objs, rng, popular, grid=3):
+    """A scene's objects edited the one way `kind` names -> the edited objects in reading order, or None
+    where the scene allows no such edit. The edit's caption is a hard negative of the scene's caption:
+      add_random, add_popular, add_partner: an object of a shape the scene lacks joins it on an empty cell
+        (a random absent shape; the absent shape most frequent in training, `popular` listing the shapes
+        most frequent first; the partner of a shape present), its colour and size drawn;
+      remove: one object leaves (scenes of two or more);
+      swap_colours: two objects of different colours exchange them;
+      swap_positions: two objects that read differently exchange cells, so that the caption, in reading
+        order, names them the other way round: the same words, rearranged."""
+    objs = np.asarray(objs).copy()
+    n, present = len(objs), objs[:, 0].tolist()
+    absent = [s for s in range(len(SHAPES)) if s not in present]
+    if kind in ("add_random", "add_popular", "add_partner"):
+        candidates = {"add_random": absent, "add_popular": [s for s in popular if s in absent][:1],
+                      "add_partner": [PARTNER[s] for s in present if PARTNER[s] in absent][:1]}[kind]
+        empty = [c for c in range(grid * grid) if c not in objs[:, 3]]
+        if not candidates or not empty:
+            return None
+        new = [int(rng.choice(candidates)), int(rng.integers(len(COLOURS))), int(rng.integers(len(SIZES))),
+               int(rng.choice(empty))]
+        objs = np.concatenate([objs, np.array([new], dtype=objs.dtype)])
+    elif kind == "remove":
+        if n < 2:
+            return None
+        objs = np.delete(objs, int(rng.integers(n)), axis=0)
+    elif kind in ("swap_colours", "swap_positions"):
+        column, differ = (1, [1]) if kind == "swap_colours" else (3, [0, 1, 2])
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if (objs[i, differ] != objs[j, differ]).any()]
+        if not pairs:
+            return None
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        objs[[i, j], column] = objs[[j, i], column]
+    else:
+        raise ValueError(f"unknown negative {kind!r}; choose from {', '.join(NEGATIVES)}")
+    return objs[np.argsort(objs[:, 3], kind="stable")]
+
+
 def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops, workers don't print tracebacks
 

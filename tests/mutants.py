@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURES, CAUSES, CURES = "tests/test_measures.py", "tests/test_causes.py", "tests/test_cures.py"
 DECODING = "tests/test_hallucination.py"  # decoding.py's tests, and the study's
 MIM = "tests/test_mim.py"
+CLIP = "tests/test_clip.py"
 
 # (what the bug does, file, the line as it is, the line with the bug, the tests that must catch it)
 MUTANTS = [
@@ -104,6 +105,29 @@ MUTANTS = [
     ("the count probe asks \"at least 1\" (always yes)", "mae.py",
      "at_least_k = [count >= k for k in range(2, split.world.max_objects + 1)]",
      "at_least_k = [count >= k for k in range(1, split.world.max_objects + 1)]", [MIM]),
+    ("InfoNCE one way only (images to texts)", "clip.py",
+     "return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2",
+     "return F.cross_entropy(logits, target)", [CLIP]),
+    ("identical captions counted as negatives", "clip.py",
+     "target = same.float() / same.sum(1, keepdim=True)", "target = torch.eye(len(same))", [CLIP]),
+    ("FLIP drops patches at evaluation too", "clip.py",
+     "return self.cfg.image_mask_ratio if self.training and not tuning else 0.0",
+     "return self.cfg.image_mask_ratio if not tuning else 0.0", [CLIP]),
+    ("the text vector read at the last position, padding included", "clip.py",
+     "ends = (text != self.tok.pad_id).sum(1) - 1", "ends = torch.full((len(text),), text.shape[1] - 1)",
+     [CLIP]),
+    ("the partner negative adds any absent shape", "data/shapes.py",
+     '"add_partner": [PARTNER[s] for s in present if PARTNER[s] in absent][:1]}[kind]',
+     '"add_partner": absent}[kind]', [CLIP]),
+    ("the colour swap swaps sizes", "data/shapes.py",
+     'column, differ = (1, [1]) if kind == "swap_colours" else (3, [0, 1, 2])',
+     'column, differ = (2, [2]) if kind == "swap_colours" else (3, [0, 1, 2])', [CLIP]),
+    ("the per-object score forgets the whole caption", "clip.py",
+     "total = full + torch.zeros(len(scenes)).index_add_(0, owner, each)",
+     "total = 0 * full + torch.zeros(len(scenes)).index_add_(0, owner, each)", [CLIP]),
+    ("retrieval counts only the pair's own text as found", "clip.py",
+     "same = label[:, None] == label[None]  # (N, N)", "same = torch.eye(len(texts), dtype=torch.bool)",
+     [CLIP]),
 ]
 
 
