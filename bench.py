@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run: `python bench.py mae|mim|mlm|vlm|hallucination [--steps=N]`;
+"""Speed, measured side by side in one run: `python bench.py mae|mim|clip|mlm|vlm|hallucination [--steps=N]`;
 and time to sight, runs of `train.py vlm` drawn side by side: `python bench.py sight RUN ... OUT.png`.
 
 Absolute times on shared machines are noisy; the ratios in one run are what to read. Each
@@ -147,6 +147,18 @@ def bench_mim(bc):
     rows = [(f"--target={t}", mim.Config(target=t)) for t in mim.TARGETS]
     rows += [(f"--masking={m}", mim.Config(masking=m)) for m in mim.Config.maskings if m != "random"]
     train_rows("mim", rows, bc, pick_device(bc.device))
+
+
+def bench_clip(bc):
+    """A CLIP training step with FLIP's patch dropping at 0, 50% and 75%: the image tower's tokens fall
+    to a half and a quarter; the text tower and the loss cost the same."""
+    import clip
+    rows = [(f"--image_mask_ratio={r}", clip.Config(image_mask_ratio=r)) for r in (0.0, 0.5, 0.75)]
+    base = train_rows("clip", rows[:1], bc, pick_device(bc.device))
+    for name, cfg in rows[1:]:
+        speed, peak, _ = in_fresh_process(train_row, ("clip", cfg, clip.train_defaults["batch_size"], bc.steps,
+                                                      pick_device(bc.device)))
+        print(f"{name:<44}{speed:>16,.0f}{fmt_mib(peak):>14}   {speed / base:.2f}x")
 
 
 def bench_mlm(bc):
@@ -354,26 +366,33 @@ def time_to_sight(monitor, start, bar=0.95):
     return f"sight {bar} at iteration {m['iter']}, {start + m['seconds']:.0f} s (pretraining {start:.0f} s)"
 
 
+# what each idea's monitor is drawn as, against wall-clock seconds
+WATCHED = {"vlm": ("ood_exist", "ood existence accuracy"), "clip": ("val_i2t_r1", "val image-to-text recall@1")}
+
+
 def plot_runs(out_dirs, path):
-    """Runs of `train.py vlm` side by side -> a PNG: val loss against iteration and, for runs that
-    logged it, `ood` existence accuracy against wall-clock seconds, the MAE's training time included
-    for a tower started from one (its metrics.json)."""
+    """Runs of `train.py vlm` (or of `train.py clip`) side by side -> a PNG: val loss against iteration
+    and the run's monitor (vlm: `ood` existence accuracy; clip: val recall@1) against wall-clock seconds,
+    the MAE's training time included for a tower started from one (its metrics.json)."""
     fig, (loss_ax, sight_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
     for d in out_dirs:
-        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm")
+        ckpt = load_checkpoint(Path(d) / "ckpt.pt", "vlm", ("clip",))
+        key, label = WATCHED[ckpt["idea"]]
         loss_ax.plot(*zip(*ckpt["history"]["val"]), "o-", ms=3, label=Path(d).name)
-        init = ckpt["config"]["model"]["init_vision"]
+        init = ckpt["config"]["model"].get("init_vision", "")
         start, mae_metrics = 0, Path(init).parent / "metrics.json"  # seconds the MAE took first
         if init not in ("", "none", "auto") and mae_metrics.is_file():
             start = json.loads(mae_metrics.read_text())["train_seconds"]
         monitor = [m for m in ckpt["history"].get("monitor", []) if m["iter"] > 0]  # iteration 0 says nothing
-        sight = [(start + m["seconds"], m["ood_exist"]) for m in monitor]
-        print(f"{d}: {time_to_sight(monitor, start)}")
-        if sight:
-            sight_ax.plot(*zip(*sight), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
+        curve = [(start + m["seconds"], m[key]) for m in monitor]
+        if ckpt["idea"] == "vlm":
+            print(f"{d}: {time_to_sight(monitor, start)}")
+        if curve:
+            sight_ax.plot(*zip(*curve), "o-", ms=3, label=Path(d).name + (" (MAE first)" if start else ""))
     loss_ax.set(xlabel="iteration", ylabel="val loss", yscale="log")
-    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel="ood existence accuracy")
-    sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
+    sight_ax.set(xlabel="wall-clock seconds, pretraining included", ylabel=label)
+    if key == "ood_exist":
+        sight_ax.axhline(0.97, color="gray", ls=":", lw=1)  # the target; 0.5 is chance
     for ax in (loss_ax, sight_ax):
         ax.grid(alpha=0.3)
         if ax.lines[1:] or ax is loss_ax:
@@ -381,12 +400,13 @@ def plot_runs(out_dirs, path):
     savefig(fig, path)
 
 
-BENCHES = {"mae": bench_mae, "mim": bench_mim, "mlm": bench_mlm, "vlm": bench_vlm,
+BENCHES = {"mae": bench_mae, "mim": bench_mim, "clip": bench_clip, "mlm": bench_mlm, "vlm": bench_vlm,
            "hallucination": bench_hallucination}
 
 
 def sight(argv):
-    """python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png: runs of `train.py vlm` side by side."""
+    """python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png: runs of `train.py vlm` (or all of `train.py
+    clip`) side by side."""
     if len(argv) < 2:
         raise UserError("give the run folders and then the .png to draw their curves into")
     *runs, png = argv
@@ -395,8 +415,9 @@ def sight(argv):
     if not Path(png).parent.is_dir():
         raise UserError(f"cannot write {png}: there is no folder {Path(png).parent}")
     check_writable(Path(png).parent)
-    for run in runs:
-        load_checkpoint(Path(run) / "ckpt.pt", "vlm")  # each one checked before anything is drawn
+    ideas = {load_checkpoint(Path(run) / "ckpt.pt", "vlm", ("clip",))["idea"] for run in runs}  # each checked
+    if len(ideas) > 1:
+        raise UserError("give runs of one idea: train.py vlm runs or train.py clip runs, not both")
     plot_runs(runs, png)
     print(f"wrote {png}")
     return 0
@@ -409,8 +430,8 @@ def main(argv):
         raise UserError(f"no benchmark for {argv[0]!r}; choose {choices_text(BENCHES)} or sight")
     if not argv or "-h" in argv or "--help" in argv:
         text = ("usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES) + "\n"
-                "       python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py vlm side by "
-                "side: val loss by iteration, sight by wall-clock seconds)")
+                "       python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py vlm, or of clip, side "
+                "by side: val loss by iteration, sight or recall by wall-clock seconds)")
         return usage(text + "\n" + config_help(BenchConfig), argv)
     BENCHES[argv[0]](BenchConfig(**parse_overrides(argv[1:], BenchConfig)))
     return 0

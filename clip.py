@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import stream_indices, to_tensor
-from data.captioned import FolderPairs, folder_tokenizer
+from data.captioned import FolderPairs, folder_tokenizer, read_folder
 from data.pairs import ShapesPairs, shapes_tokenizer
 from data.shapes import COLOUR_NAMES, NEGATIVES, SHAPES, SIZES, caption, describe, negative
 from lib.common import UserError, at_least, divisible, one_of
@@ -88,6 +88,8 @@ class Config:
         world = [k for k in given if k in ("n_train", "n_eval", "cooccur", "skew", "noise")]
         if self.dataset == "folder" and world:
             raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and captions")
+        if self.dataset == "folder":  # read now, before anything is printed
+            read_folder(self.data_path)
 
 
 # about 4 minutes on 2 CPU cores alone (docs/clip.md); batch_size = image-caption pairs, the N of N-way
@@ -128,6 +130,7 @@ class Data:
 
     def read_with(self, ckpt):
         self.tok = self.source.read_with(ckpt).tok
+        return self
 
     def fingerprint(self):
         return self.source.fingerprint()
@@ -290,29 +293,39 @@ def popularity(data):
     return np.argsort(-data.shapes["train"].presence(0, len(SHAPES)).sum(0), kind="stable").tolist()
 
 
+def edited_scenes(data, split):
+    """For each kind of hard negative, the split's scenes that allow it -> {kind: (rows, true scenes,
+    edited scenes)}; each edit drawn with its own seed (scene, kind), the same for every model."""
+    shapes, popular, out = data.shapes[split], popularity(data), {}
+    for k, kind in enumerate(NEGATIVES):
+        rows, trues, edits = [], [], []
+        for i in range(len(data.keep[split])):
+            edited = negative(kind, shapes.scene(i), np.random.default_rng([i, k]), popular, shapes.world.grid)
+            if edited is not None:
+                rows.append(i)
+                trues.append(shapes.scene(i))
+                edits.append(edited)
+        out[kind] = (rows, trues, edits)
+    return out
+
+
+def wins(true, neg):
+    """The share of pairs where the true caption scores higher; a tie counts half."""
+    return ((true > neg).float() + 0.5 * (true == neg).float()).mean().item()
+
+
 def negatives(model, data, split, device, img=None):
     """How often the true caption outscores the same caption edited one way (data.shapes.negative), per
-    kind, over the split's scenes that allow the edit (ties count half); beside it the per-object score
-    (F-CLIPScore: the mean of the caption's score and each object phrase's) -> {'neg_{kind}': acc, ...}."""
-    split_data = data.shapes[split]
+    kind, over the split's scenes that allow the edit; beside it the per-object score (F-CLIPScore: the
+    mean of the caption's score and each object phrase's) -> {'neg_{kind}': share, ...}."""
     if img is None:
         img = embed(model, data, split, device)[0]
     model.eval()
-    popular, out = popularity(data), {}
-    for k, kind in enumerate(NEGATIVES):
-        rows, pairs = [], []
-        for i in range(len(data.keep[split])):
-            objs = split_data.scene(i)
-            edited = negative(kind, objs, np.random.default_rng([i, k]), popular, split_data.world.grid)
-            if edited is not None:
-                rows.append(i)
-                pairs.append((objs, edited))
-        if not rows:
-            continue
-        full = [scores(model, img[rows], [o for o, _ in pairs], device, per_object=w) for w in (False, True)]
-        edit = [scores(model, img[rows], [e for _, e in pairs], device, per_object=w) for w in (False, True)]
-        for name, true, neg in (("neg", full[0], edit[0]), ("neg_per_object", full[1], edit[1])):
-            out[f"{name}_{kind}"] = ((true > neg).float() + 0.5 * (true == neg).float()).mean().item()
+    out = {}
+    for kind, (rows, trues, edits) in edited_scenes(data, split).items():
+        for name, per_object in (("neg", False), ("neg_per_object", True)):
+            true = scores(model, img[rows], trues, device, per_object)
+            out[f"{name}_{kind}"] = wins(true, scores(model, img[rows], edits, device, per_object))
     model.train()
     return out
 

@@ -1,4 +1,4 @@
-"""Look at what a trained model does: `python sample.py mae|mim|mlm|vlm [--key=value ...]`.
+"""Look at what a trained model does: `python sample.py mae|mim|mlm|vlm|clip [--key=value ...]`.
 
 mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
      original | masked | reconstruction | reconstruction with the visible patches pasted back,
@@ -12,6 +12,7 @@ mlm: --prompt="a red [MASK] and a blue square" prints the top candidates for eac
 vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH...] with --prompt
      (default: describe the image.); prints each answer and saves a PNG grid with prompt and answer
      under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
+clip: the same scenes (or --image), each with its three best captions among the split's, and the true one.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -35,9 +36,9 @@ class SampleConfig:
     device: str = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0                  # for sampling and for the masks
     n: int = 8                     # how many held-out examples
-    image: str = ""                # mae, vlm: your own image file(s), comma-separated
-    scenes: str = ""               # vlm: held-out scene indices, comma-separated (default: the first n)
-    split: str = "val"             # vlm: val (the world's bias) | ood (bias broken); a folder: train | val
+    image: str = ""                # mae, vlm, clip: your own image file(s), comma-separated
+    scenes: str = ""               # vlm, clip: held-out scene indices, comma-separated (default: the first n)
+    split: str = "val"             # vlm, clip: val (the world's bias) | ood (bias broken); a folder: train | val
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
     prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question
     generate: bool = False         # mlm: write text by unmasking
@@ -228,6 +229,32 @@ def sample_vlm(opts):
 
 
 @torch.no_grad()
+def sample_clip(opts):
+    """Each image's three best captions among every caption of the split (the candidates a retrieval
+    chooses from), with their cosines, beside the true one; a PNG grid."""
+    import clip
+    _, model, cfg, ckpt = load("clip", opts)
+    device = next(model.parameters()).device
+    data = clip.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
+    images, names, idx = scene_images(opts, cfg, data.source)
+    _, vectors, texts = clip.embed(model, data, opts.split, device)
+    candidates = list(dict.fromkeys(texts))  # each caption once
+    vectors = vectors[[texts.index(t) for t in candidates]]  # (C, E)
+    model.eval()
+    sims = model.encode_image(to_tensor(images, device)).float().cpu() @ vectors.T  # (N, C)
+    best = sims.topk(min(3, len(candidates)), dim=1)
+    lines = []
+    for r, name in enumerate(names):
+        said = [f"{v:.2f} {candidates[j]}" for v, j in zip(best.values[r].tolist(), best.indices[r].tolist())]
+        true = [f"true: {texts[idx[r]]}"] if idx is not None else []
+        lines.append("\n".join([name, *said, *true]))
+        print(lines[-1].replace("\n", "\n  "))
+    out_path = Path(opts.out_dir or "out-clip") / "sample_clip.png"
+    draw_grid(images, lines, out_path)
+    print(f"wrote {out_path}")
+
+
+@torch.no_grad()
 def masks(argv):
     """python sample.py masks RUN_DIR [RUN_DIR ...] OUT.png: the masks of runs of `train.py mim` on the
     same held-out scenes, one column per run (its masking, its teacher or loss head), one row per scene."""
@@ -262,7 +289,7 @@ def masks(argv):
 
 
 SAMPLERS = {"mae": sample_mae, "mim": partial(sample_mae, idea="mim"), "mlm": sample_mlm,
-            "vlm": sample_vlm}
+            "vlm": sample_vlm, "clip": sample_clip}
 
 
 def main(argv):

@@ -183,3 +183,14 @@ def test_train_and_its_tower_starts_a_vlm(tmp_path):
     load_encoder(tower, out / "ckpt.pt", "--init_vision")
     state = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert torch.equal(tower.patch_embed.weight, state["encoder.patch_embed.weight"])
+
+
+def test_a_folder_of_captioned_images_trains_clip(tmp_path):
+    from tests.test_captioned import metadata_folder
+    metadata_folder(tmp_path / "photos", n=20)
+    out = tmp_path / "clip"
+    args = {k: v for k, v in TINY.items() if k not in ("n_train", "n_eval")}
+    run("train.py", "clip", *as_args(args), "--dataset=folder", f"--data_path={tmp_path / 'photos'}",
+        "--batch_size=8", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", f"--out_dir={out}")
+    metrics = (out / "metrics.json").read_text()
+    assert '"val_i2t_r1"' in metrics and "ood" not in metrics and "zero_shot" not in metrics

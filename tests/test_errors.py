@@ -21,6 +21,7 @@ import data.images
 import hallucination
 import mae
 import sample
+import study.negatives
 import train
 from lib import config
 from lib.checkpoints import load_checkpoint, lock_out_dir, save_atomic
@@ -126,12 +127,14 @@ def png_header(width, height):
 
 
 SCRIPTS = {"train": train.main, "sample": sample.main, "bench": bench.main,
-           "hallucination": hallucination.main, "images": data.images.main}
+           "hallucination": hallucination.main, "images": data.images.main, "negatives": study.negatives.main}
 TAKES_OUT_DIR = ("train", "sample", "hallucination")
 T = ["mae", *MAE_ARGS]  # a valid tiny MAE run, which each row breaks in one way
 M = ["mlm", *MLM_ARGS, "--batch_size=4", "--eval_iters=1"]
 V = ["vlm", *VLM_ARGS, "--batch_size=4", "--eval_iters=1"]
 VF = ["vlm", *as_args(FOLDER_TINY), "--batch_size=4", "--eval_iters=1"]  # the same, on a folder
+C = ["clip", "--img_size=32", "--n_layer=1", "--n_embd=32", "--n_head=2", "--text_n_layer=1", "--text_n_embd=32",
+     "--text_n_head=2", "--n_train=64", "--n_eval=16", "--batch_size=4", "--eval_iters=1"]  # a tiny CLIP run
 CKPTS = ["--ckpt={vlm}/ckpt.pt", "--control_ckpt={vlm}/ckpt.pt", "--n_scenes=8"]  # the study, a tiny VLM
 
 BAD = [  # (script, out_dir kind, arguments, words the message must hold)
@@ -155,6 +158,12 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", ["mim", *MAE_ARGS, "--init_teacher={vlm}/ckpt.pt", "--masking=attention"],
      "'vlm' checkpoint, not 'mae'"),
     ("train", "empty", ["mim", *MAE_ARGS, "--target=edges"], "choose pixels, norm_pix, tokens or features"),
+    ("train", "empty", [*C, "--image_mask_ratio=1"], "image_mask_ratio=1.0 must be in [0, 1)"),
+    ("train", "empty", [*C, "--unmasked_from=100"], "needs --image_mask_ratio > 0"),
+    ("train", "empty", [*C, "--dataset=folder"], "needs --data_path=DIR"),
+    ("train", "empty", [*C, "--dataset=folder", "--data_path=x", "--cooccur=0"], "the shapes world's"),
+    ("negatives", "empty", ["{vlm}/ckpt.pt"], "'vlm' checkpoint, not 'clip'"),
+    ("negatives", "empty", ["nowhere.pt", "--split=test"], "choose val or ood"),
     ("train", "trained", [*T, "--max_iters=0"], "max_iters=0 must be at least 1"),
     ("train", "trained", [*T, "--batch_size=-2"], "batch_size=-2 must be at least 1"),
     ("train", "trained", [*T, "--warmup_iters=-1"], "warmup_iters=-1"),
