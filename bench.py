@@ -156,8 +156,8 @@ def bench_clip(bc):
     rows = [(f"--image_mask_ratio={r}", clip.Config(image_mask_ratio=r)) for r in (0.0, 0.5, 0.75)]
     base = train_rows("clip", rows[:1], bc, pick_device(bc.device))
     for name, cfg in rows[1:]:
-        speed, peak, _ = in_fresh_process(train_row, ("clip", cfg, clip.train_defaults["batch_size"], bc.steps,
-                                                      pick_device(bc.device)))
+        args = ("clip", cfg, clip.train_defaults["batch_size"], bc.steps, pick_device(bc.device))
+        speed, peak, _ = in_fresh_process(train_row, args)
         print(f"{name:<44}{speed:>16,.0f}{fmt_mib(peak):>14}   {speed / base:.2f}x")
 
 
@@ -367,7 +367,8 @@ def time_to_sight(monitor, start, bar=0.95):
 
 
 # what each idea's monitor is drawn as, against wall-clock seconds
-WATCHED = {"vlm": ("ood_exist", "ood existence accuracy"), "clip": ("val_i2t_r1", "val image-to-text recall@1")}
+WATCHED = {"vlm": ("ood_exist", "ood existence accuracy"),
+           "clip": ("val_i2t_r1", "val image-to-text recall@1")}
 
 
 def plot_runs(out_dirs, path):
@@ -430,8 +431,8 @@ def main(argv):
         raise UserError(f"no benchmark for {argv[0]!r}; choose {choices_text(BENCHES)} or sight")
     if not argv or "-h" in argv or "--help" in argv:
         text = ("usage: python bench.py IDEA [--key=value ...]   IDEA: " + ", ".join(BENCHES) + "\n"
-                "       python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py vlm, or of clip, side "
-                "by side: val loss by iteration, sight or recall by wall-clock seconds)")
+                "       python bench.py sight RUN_DIR [RUN_DIR ...] OUT.png   (runs of train.py vlm, or of "
+                "clip, side by side: val loss by iteration, sight or recall by wall-clock seconds)")
         return usage(text + "\n" + config_help(BenchConfig), argv)
     BENCHES[argv[0]](BenchConfig(**parse_overrides(argv[1:], BenchConfig)))
     return 0

@@ -57,7 +57,7 @@ class Config:
     embed_dim: int = 128            # the shared space both towers project to
     mlp_ratio: float = 4.0          # MLP width / model width (both towers)
     image_mask_ratio: float = 0.0   # FLIP: share of patches dropped before the image tower in training
-    unmasked_from: int = 0          # FLIP's unmasked tuning: from this training step on, none dropped (0: never)
+    unmasked_from: int = 0          # FLIP's unmasked tuning: from this step on, none dropped (0: never)
     cooccur: float = 0.5            # the world's bias (data/shapes.py), as for train.py vlm
     skew: float = 0.5
     noise: float = 0.0
@@ -73,7 +73,8 @@ class Config:
         if self.dataset == "folder" and not self.data_path:
             raise UserError("--dataset=folder needs --data_path=DIR, a folder of captioned images")
         if self.dataset == "shapes" and self.data_path:
-            raise UserError(f"--data_path={self.data_path} does nothing in the shapes world; add --dataset=folder")
+            raise UserError(f"--data_path={self.data_path} does nothing in the shapes world; "
+                            f"add --dataset=folder")
         if not 0 <= self.image_mask_ratio < 1:
             raise UserError(f"image_mask_ratio={self.image_mask_ratio} must be in [0, 1)")
         if self.unmasked_from and not self.image_mask_ratio:
@@ -84,10 +85,10 @@ class Config:
             raise UserError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
     def check_flags(self, given):
-        """Keys given that would do nothing (the world's, with a folder) are a mistake, said before any work."""
+        """Keys given that would do nothing (the world's, with a folder) are a mistake, said first."""
         world = [k for k in given if k in ("n_train", "n_eval", "cooccur", "skew", "noise")]
         if self.dataset == "folder" and world:
-            raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and captions")
+            raise UserError(f"--{world[0]} is the shapes world's; a folder brings its own images and texts")
         if self.dataset == "folder":  # read now, before anything is printed
             read_folder(self.data_path)
 
@@ -117,8 +118,9 @@ class Data:
         self.cfg, self.seed = cfg, seed
         if cfg.dataset == "folder":
             self.source = FolderPairs(cfg, seed, verbose)
-            self.keep = {s: [i for i, r in enumerate(self.source.records[s]) if r["captions"]]
-                         for s in ("train", "val")}
+            self.keep = {}
+            for split in ("train", "val"):  # the images with a caption
+                self.keep[split] = [i for i, r in enumerate(self.source.records[split]) if r["captions"]]
             if not all(self.keep.values()):
                 raise UserError(f"{cfg.data_path}: CLIP needs captions in both splits, train and val")
             self.shapes = None
@@ -178,8 +180,10 @@ class CLIP(nn.Module):
         self.encoder = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                                   cfg.mlp_ratio)  # named as the MAE's, so that load_encoder reads either
         self.wte = nn.Embedding(self.tok.vocab_size, D)
-        self.register_buffer("wpe", get_1d_sincos_pos_embed(D, torch.arange(MAX_TEXT)).float(), persistent=False)
-        self.text_blocks = nn.ModuleList(Block(D, cfg.text_n_head, cfg.mlp_ratio) for _ in range(cfg.text_n_layer))
+        wpe = get_1d_sincos_pos_embed(D, torch.arange(MAX_TEXT)).float()  # (MAX_TEXT, D)
+        self.register_buffer("wpe", wpe, persistent=False)
+        self.text_blocks = nn.ModuleList(Block(D, cfg.text_n_head, cfg.mlp_ratio)
+                                         for _ in range(cfg.text_n_layer))
         self.text_norm = nn.LayerNorm(D)
         self.image_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
@@ -264,7 +268,9 @@ def retrieval(img, txt, texts, ks=(1, 5)):
 
 def class_vectors(model, names, device, prompts):
     """CLIP's prompt ensembling: each class's text vector is the mean of its prompts' -> (K, E)."""
-    vecs = [text_vectors(model, [p.format(name) for p in prompts], device).mean(0) for name in names]
+    vecs = []
+    for name in names:
+        vecs.append(text_vectors(model, [p.format(name) for p in prompts], device).mean(0))
     return F.normalize(torch.stack(vecs), dim=-1)
 
 
@@ -276,8 +282,10 @@ def zero_shot(model, data, split, device, img=None):
     if img is None:
         img = embed(model, data, split, device)[0]
     model.eval()
-    shape_prompts = [f"a {s} {c} {{}}" for s in SIZES for c in COLOUR_NAMES]
-    colour_prompts = [f"a {s} {{}} {k}" for s in SIZES for k in SHAPES]
+    shape_prompts, colour_prompts = [], []
+    for size in SIZES:
+        shape_prompts += [f"a {size} {colour} {{}}" for colour in COLOUR_NAMES]
+        colour_prompts += [f"a {size} {{}} {shape}" for shape in SHAPES]
     out = {"zero_shot_scenes": len(one)}
     for what, names, prompts, column in (("shape", SHAPES, shape_prompts, 0),
                                          ("colour", COLOUR_NAMES, colour_prompts, 1)):
@@ -300,7 +308,8 @@ def edited_scenes(data, split):
     for k, kind in enumerate(NEGATIVES):
         rows, trues, edits = [], [], []
         for i in range(len(data.keep[split])):
-            edited = negative(kind, shapes.scene(i), np.random.default_rng([i, k]), popular, shapes.world.grid)
+            rng = np.random.default_rng([i, k])
+            edited = negative(kind, shapes.scene(i), rng, popular, shapes.world.grid)
             if edited is not None:
                 rows.append(i)
                 trues.append(shapes.scene(i))
@@ -336,8 +345,11 @@ def scores(model, img, scenes, device, per_object=False):
     full = (img * text_vectors(model, [caption(s) for s in scenes], device)).sum(1)  # (n,)
     if not per_object:
         return full
-    phrases = [f"a {describe(o)}" for s in scenes for o in s.tolist()]
-    owner = torch.tensor([i for i, s in enumerate(scenes) for _ in range(len(s))])
+    phrases, owner = [], []
+    for i, scene in enumerate(scenes):
+        phrases += [f"a {describe(o)}" for o in scene.tolist()]
+        owner += [i] * len(scene)
+    owner = torch.tensor(owner)
     each = (img[owner] * text_vectors(model, phrases, device)).sum(1)  # (n_phrases,)
     total = full + torch.zeros(len(scenes)).index_add_(0, owner, each)
     return total / (1 + torch.bincount(owner, minlength=len(scenes)))

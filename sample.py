@@ -38,7 +38,7 @@ class SampleConfig:
     n: int = 8                     # how many held-out examples
     image: str = ""                # mae, vlm, clip: your own image file(s), comma-separated
     scenes: str = ""               # vlm, clip: held-out scene indices, comma-separated (default: the first n)
-    split: str = "val"             # vlm, clip: val (the world's bias) | ood (bias broken); a folder: train | val
+    split: str = "val"             # vlm, clip: val (the world's bias) | ood (no bias); a folder: train|val
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
     prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question
     generate: bool = False         # mlm: write text by unmasking

@@ -231,7 +231,9 @@ def negative(kind, objs, rng, popular, grid=3):
         objs = np.delete(objs, int(rng.integers(n)), axis=0)
     elif kind in ("swap_colours", "swap_positions"):
         column, differ = (1, [1]) if kind == "swap_colours" else (3, [0, 1, 2])
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if (objs[i, differ] != objs[j, differ]).any()]
+        pairs = []  # (i, j) that differ in what the swap exchanges
+        for i in range(n):
+            pairs += [(i, j) for j in range(i + 1, n) if (objs[i, differ] != objs[j, differ]).any()]
         if not pairs:
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]

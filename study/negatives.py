@@ -65,7 +65,8 @@ def table(clip_model, vlms, data, split, device):
         for suffix, img in vectors.items():
             for name, per_object in (("CLIP", False), ("CLIP per-object", True)):
                 true = clip.scores(clip_model, img[rows], trues, device, per_object)
-                row[name + suffix] = clip.wins(true, clip.scores(clip_model, img[rows], edits, device, per_object))
+                neg = clip.scores(clip_model, img[rows], edits, device, per_object)
+                row[name + suffix] = clip.wins(true, neg)
         for name, model in vlms.items():
             true, neg = {}, {}
             for suffix, pixels in (("", images[rows]), (" (blank)", blank[rows])):
