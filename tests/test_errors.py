@@ -133,7 +133,8 @@ T = ["mae", *MAE_ARGS]  # a valid tiny MAE run, which each row breaks in one way
 M = ["mlm", *MLM_ARGS, "--batch_size=4", "--eval_iters=1"]
 V = ["vlm", *VLM_ARGS, "--batch_size=4", "--eval_iters=1"]
 VF = ["vlm", *as_args(FOLDER_TINY), "--batch_size=4", "--eval_iters=1"]  # the same, on a folder
-C = ["clip", "--img_size=32", "--n_layer=1", "--n_embd=32", "--n_head=2", "--text_n_layer=1",  # a tiny CLIP run
+# a tiny CLIP run
+C = ["clip", "--img_size=32", "--n_layer=1", "--n_embd=32", "--n_head=2", "--text_n_layer=1",
      "--text_n_embd=32", "--text_n_head=2", "--n_train=64", "--n_eval=16", "--batch_size=4", "--eval_iters=1"]
 CKPTS = ["--ckpt={vlm}/ckpt.pt", "--control_ckpt={vlm}/ckpt.pt", "--n_scenes=8"]  # the study, a tiny VLM
 
