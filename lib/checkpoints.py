@@ -61,11 +61,11 @@ def load_checkpoint(path, idea, also=()):
 
 
 def load_encoder(vit, path, flag):
-    """Copy the encoder of an MAE checkpoint written by `train.py mae` (or `mim`) into a ViT
+    """Copy the encoder of a checkpoint of `train.py mae` (or `mim`, or `clip`'s image tower) into a ViT
     (mae.ViTEncoder): a tower that starts from what the MAE learned. flag: the option that named
     path, for the error."""
-    weights = {k[len("encoder."):]: v for k, v in load_checkpoint(path, "mae", ("mim", "clip"))["model"].items()
-               if k.startswith("encoder.")}
+    state = load_checkpoint(path, "mae", ("mim", "clip"))["model"]
+    weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     own = vit.state_dict()
     for k in [*own, *sorted(weights.keys() - own.keys())]:  # the tower's own first, then what it lacks
         if k not in weights or k not in own or weights[k].shape != own[k].shape:
