@@ -57,7 +57,7 @@ class Config:
     objective: str = "prefix"    # prefix (answer given image + prompt) | mlm (masked captions, ViLT)
     texts_per_image: int = 4     # prefix: each image comes with its caption and this many - 1 questions
     mask_prob: float = 0.15      # mlm: the share of caption tokens masked (BERT)
-    init_vision: str = "auto"    # the tower starts from: a mae, mim or clip ckpt (PATH), none (random), or auto:
+    init_vision: str = "auto"    # the tower starts from: a mae, mim or clip ckpt, none (random), or auto:
                                  # out-mae beside out_dir, trained first (train.py mae) if none matches
     freeze_vision: bool = False  # keep the tower as initialised
     mae_weight: float = 0.0      # > 0: add this times MAE's masked-patch loss on the same tower (joint)
