@@ -11,6 +11,7 @@ frequencies are skewed (`skew`) and some shapes pull in a partner (`cooccur`: a 
 square, a triangle a star, a diamond a cross). The `ood` split draws scenes with both biases
 broken, so a model that leans on the prior instead of the pixels shows it there.
 """
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -198,6 +199,48 @@ def questions(world, split, index, objs):
         s = int(rng.integers(len(SHAPES)))
         qa.append(("count", f"how many {SHAPES[s]}s are there?", NUMBERS[shapes.count(s)]))
     return qa
+
+
+def cell_box(world, cell):
+    """The pixel rows and columns of a grid cell -> (slice, slice)."""
+    row, col = divmod(cell, world.grid)
+    edges = np.rint(np.linspace(0, world.img_size, world.grid + 1)).astype(int)
+    return slice(edges[row], edges[row + 1]), slice(edges[col], edges[col + 1])
+
+
+@functools.lru_cache(maxsize=4)
+def templates(world):
+    """Every object the world can draw, alone in each cell -> (objects (1 + K, 3) as (shape, colour,
+    size) with row 0 = empty, and per cell its crops (1 + K, h*w*3) float: cells differ by a pixel)."""
+    kinds = [(-1, -1, -1)] + [(s, c, z) for s in range(len(SHAPES)) for c in range(len(COLOURS))
+                              for z in range(len(SIZES))]
+    crops = []
+    for cell in range(world.grid ** 2):
+        box = cell_box(world, cell)
+        row = []
+        for shape, colour, size in kinds:
+            objs = np.array([[shape, colour, size, cell]]) if shape >= 0 else np.zeros((0, 4), int)
+            row.append(render(world, objs)[box].astype(np.float32).ravel())
+        crops.append(np.stack(row))
+    return np.array(kinds), crops
+
+
+def read_scene(world, img):
+    """The world's own reader: uint8 (H, W, 3) -> (objects (n, 4) in reading order as sample_scene gives
+    them, each cell's squared distance to its nearest template per pixel value (cells,)). Each cell is read
+    as the object (or emptiness) whose picture alone in that cell is nearest: exact on the world's own
+    scenes, whose objects never leave their cells; on a generated picture, the distance says how far
+    the nearest reading is from anything the world draws."""
+    kinds, crops = templates(world)
+    objs, dist = [], []
+    for cell in range(world.grid ** 2):
+        crop = np.asarray(img)[cell_box(world, cell)].astype(np.float32).ravel()
+        d = ((crops[cell] - crop) ** 2).mean(1)  # (1 + K,)
+        best = int(d.argmin())
+        dist.append(d[best])
+        if best:
+            objs.append([*kinds[best], cell])
+    return np.array(objs, dtype=int).reshape(-1, 4), np.array(dist)
 
 
 NEGATIVES = ("add_random", "add_popular", "add_partner", "remove", "swap_colours", "swap_positions")

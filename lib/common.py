@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-IDEAS = ("mae", "mim", "mlm", "vlm", "clip")
+IDEAS = ("mae", "mim", "mlm", "vlm", "clip", "gen")
 
 
 # ---------------------------------------------------------------------------------------------
