@@ -96,13 +96,11 @@ def fit_codebook(cfg, n=500):
 
 
 def mage_ratio(n, mask_min, generator=None):
-    """MAGE's mask ratios: n draws from a Gaussian (mean 0.55, s.d. 0.25) truncated to [mask_min, 1]
-    (drawn again until inside) -> (n,)."""
-    out = torch.empty(0)
-    while len(out) < n:
-        r = 0.55 + 0.25 * torch.randn(4 * n, generator=generator)
-        out = torch.cat([out, r[(r >= mask_min) & (r <= 1)]])
-    return out[:n]
+    """MAGE's mask ratios: n draws from a Gaussian (mean 0.55, s.d. 0.25) truncated to [mask_min, 1],
+    by inverting its CDF at uniform draws between the CDF's values at the two ends -> (n,)."""
+    ends = torch.special.ndtr((torch.tensor([mask_min, 1.0]) - 0.55) / 0.25)  # the CDF at mask_min and at 1
+    u = ends[0] + (ends[1] - ends[0]) * torch.rand(n, generator=generator)  # (n,)
+    return (0.55 + 0.25 * torch.special.ndtri(u)).clamp(mask_min, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

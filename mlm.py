@@ -160,6 +160,14 @@ def filter_logits(logits, temperature=1.0, top_k=0):
     return logits
 
 
+def most_confident(conf, masked, n_keep_masked):
+    """MaskGIT's rule: of the masked positions, reveal all but the n_keep_masked least confident ->
+    (B, T) bool. conf (B, T); masked (B, T) bool; n_keep_masked (B, 1)."""
+    conf = conf.masked_fill(~masked, float("inf"))  # fixed tokens are never re-masked
+    rank = conf.argsort(1).argsort(1)  # (B, T): 0 = least confident
+    return masked & (rank >= n_keep_masked)
+
+
 @torch.no_grad()
 def unmask(model, ids, steps=12, method="maskgit", temperature=1.0, top_k=0, callback=None):
     """Fill every [MASK] in ids (B, T); tokens that are not [MASK] are never changed.
@@ -185,10 +193,8 @@ def unmask(model, ids, steps=12, method="maskgit", temperature=1.0, top_k=0, cal
         else:
             conf = torch.log(torch.gather(probs, -1, sample.unsqueeze(-1)).squeeze(-1))  # (B, T)
             conf = conf + temperature * (1 - k / steps) * gumbel_noise(conf)
-            conf = conf.masked_fill(~masked, float("inf"))  # fixed tokens are never re-masked
             n_keep_masked = torch.floor(n_masked * math.cos(math.pi / 2 * k / steps)).long()  # (B, 1)
-            rank = conf.argsort(1).argsort(1)  # (B, T): 0 = least confident
-            reveal = masked & (rank >= n_keep_masked)
+            reveal = most_confident(conf, masked, n_keep_masked)
         ids = torch.where(reveal, sample, ids)
         if callback:
             callback(k, ids)
