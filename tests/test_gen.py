@@ -12,7 +12,8 @@ from data.shapes import ShapesSplit, World, caption, read_scene, render
 from mlm import most_confident, unmask
 from tests.conftest import as_args, overfit, run
 
-TINY = dict(img_size=32, patch_size=8, codebook_size=16, n_layer=1, n_head=2, n_embd=32, n_train=64, n_eval=16)
+TINY = dict(img_size=32, patch_size=8, codebook_size=16, n_layer=1, n_head=2, n_embd=32, n_train=64,
+            n_eval=16)
 
 
 def tiny(**overrides):
@@ -28,7 +29,7 @@ def test_tokenizer_round_trip_puts_each_code_back():
     ids = torch.randint(0, 16, (2, 16)) + model.text_vocab  # two 32 px images, 16 patches each
     images = model.pixels(ids)  # (2, 32, 32, 3) uint8
     back = model.codes(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1))
-    assert torch.equal(back, ids)  # every patch is nearest its own code again (codes differ far more than rounding)
+    assert torch.equal(back, ids)  # each patch nearest its own code again: codes differ far more than rounding
 
 
 def test_mage_ratios_lie_in_their_range_and_centre_where_they_should():
