@@ -275,23 +275,33 @@ def class_vectors(model, names, device, prompts):
 
 
 def zero_shot(model, data, split, device, img=None):
-    """Zero-shot recognition on the split's one-object scenes: the shape whose prompts ("a small red
-    {}", every size and colour) score highest, and the colour likewise -> {'zero_shot_shape': acc, ...}."""
+    """Zero-shot recognition on the split's one-object scenes, two ways -> {'zero_shot_shape': acc, ...}:
+    the best prompt: of the 72 descriptions "a {size} {colour} {shape}", the one that scores highest
+    names the shape and the colour; ensembled: each shape's vector is the mean of its 12 prompts (every
+    size and colour), as CLIP ensembles phrasings, and likewise each colour's."""
     scenes = [data.shapes[split].scene(i) for i in range(len(data.keep[split]))]
     one = [i for i, s in enumerate(scenes) if len(s) == 1]
     if img is None:
         img = embed(model, data, split, device)[0]
     model.eval()
+    kinds = []  # (shape, colour, size): every object the world draws
+    for shape in range(len(SHAPES)):
+        for colour in range(len(COLOUR_NAMES)):
+            kinds += [(shape, colour, size) for size in range(len(SIZES))]
+    prompts = [f"a {SIZES[z]} {COLOUR_NAMES[c]} {SHAPES[s]}" for s, c, z in kinds]
+    best = (img[one] @ text_vectors(model, prompts, device).T).argmax(1)  # (n_one,): one of the 72
+    out = {"zero_shot_scenes": len(one)}
     shape_prompts, colour_prompts = [], []
     for size in SIZES:
         shape_prompts += [f"a {size} {colour} {{}}" for colour in COLOUR_NAMES]
         colour_prompts += [f"a {size} {{}} {shape}" for shape in SHAPES]
-    out = {"zero_shot_scenes": len(one)}
-    for what, names, prompts, column in (("shape", SHAPES, shape_prompts, 0),
-                                         ("colour", COLOUR_NAMES, colour_prompts, 1)):
-        said = (img[one] @ class_vectors(model, names, device, prompts).T).argmax(1)  # (n_one,)
+    for what, names, ensemble, column in (("shape", SHAPES, shape_prompts, 0),
+                                          ("colour", COLOUR_NAMES, colour_prompts, 1)):
         truth = torch.tensor([int(scenes[i][0, column]) for i in one])
+        said = torch.tensor([kinds[b][column] for b in best.tolist()])
         out[f"zero_shot_{what}"] = (said == truth).float().mean().item()
+        averaged = (img[one] @ class_vectors(model, names, device, ensemble).T).argmax(1)  # (n_one,)
+        out[f"zero_shot_{what}_ensembled"] = (averaged == truth).float().mean().item()
     model.train()
     return out
 
