@@ -58,6 +58,8 @@ class Config:
     mlp_ratio: float = 4.0          # MLP width / model width (both towers)
     image_mask_ratio: float = 0.0   # FLIP: share of patches dropped before the image tower in training
     unmasked_from: int = 0          # FLIP's unmasked tuning: from this step on, none dropped (0: never)
+    caption_share: float = 1.0      # each training caption names each object with this chance (at least
+                                    # one), as web captions leave objects out; held-out captions name all
     cooccur: float = 0.5            # the world's bias (data/shapes.py), as for train.py vlm
     skew: float = 0.5
     noise: float = 0.0
@@ -66,6 +68,8 @@ class Config:
         at_least(self, 1, "img_size", "patch_size", "n_train", "n_eval", "n_layer", "n_head", "n_embd",
                  "text_n_layer", "text_n_head", "text_n_embd", "embed_dim")
         at_least(self, 0, "unmasked_from", "cooccur", "skew", "noise")
+        if not 0 < self.caption_share <= 1:
+            raise UserError(f"caption_share={self.caption_share} must be in (0, 1]")
         divisible(self, "img_size", "patch_size")
         divisible(self, "n_embd", "n_head")
         divisible(self, "text_n_embd", "text_n_head")
@@ -108,6 +112,14 @@ def encode_captions(tok, texts):
     return torch.tensor([x + [tok.pad_id] * (T - len(x)) for x in ids], dtype=torch.long)
 
 
+def named_part(objs, share, rng):
+    """The objects a partial caption names: each with chance `share`, at least one, in reading order."""
+    keep = rng.random(len(objs)) < share
+    if not keep.any():
+        keep[rng.integers(len(objs))] = True
+    return objs[keep]
+
+
 class Data:
     """Image-caption pairs: the shapes world's scenes with their true captions, or a user's folder's
     captioned images (one of each image's captions, drawn). A batch {images (N, 3, H, W), text (N, T)}
@@ -138,9 +150,13 @@ class Data:
         return self.source.fingerprint()
 
     def texts(self, split, rows, rng):
-        """The captions of the images numbered rows (of the split's kept ones)."""
+        """The captions of the images numbered rows (of the split's kept ones); in training, each object
+        named with the chance caption_share (at least one, in reading order)."""
         if self.shapes is not None:
-            return [caption(self.shapes[split].scene(i)) for i in rows]
+            scenes = [self.shapes[split].scene(i) for i in rows]
+            if split == "train" and self.cfg.caption_share < 1:
+                scenes = [named_part(s, self.cfg.caption_share, rng) for s in scenes]
+            return [caption(s) for s in scenes]
         records = [self.source.records[split][self.keep[split][i]] for i in rows]
         return [r["captions"][rng.integers(len(r["captions"]))] for r in records]
 

@@ -194,3 +194,18 @@ def test_a_folder_of_captioned_images_trains_clip(tmp_path):
         "--batch_size=8", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", f"--out_dir={out}")
     metrics = (out / "metrics.json").read_text()
     assert '"val_i2t_r1"' in metrics and "ood" not in metrics and "zero_shot" not in metrics
+
+
+def test_partial_training_captions_name_a_part_and_held_out_ones_all():
+    _, data = tiny(caption_share=0.5)
+    rows = np.arange(32)
+    rng = np.random.default_rng(0)
+    named, total = 0, 0
+    for i, text in zip(rows, data.texts("train", rows, rng)):
+        truth = [(z, c, s) for s, c, z in data.shapes["train"].scene(i)[:, :3].tolist()]
+        said = parse_caption(text)
+        assert said and all(o in truth for o in said) and said == [o for o in truth if o in said]
+        named, total = named + len(said), total + len(truth)
+    assert named < total  # some objects left out
+    held_out = data.texts("val", np.arange(16), rng)
+    assert held_out == [caption(data.shapes["val"].scene(i)) for i in range(16)]
