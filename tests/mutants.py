@@ -20,6 +20,7 @@ MEASURES, CAUSES, CURES = "tests/test_measures.py", "tests/test_causes.py", "tes
 DECODING = "tests/test_hallucination.py"  # decoding.py's tests, and the study's
 MIM = "tests/test_mim.py"
 CLIP = "tests/test_clip.py"
+GEN = "tests/test_gen.py"
 
 # (what the bug does, file, the line as it is, the line with the bug, the tests that must catch it)
 MUTANTS = [
@@ -128,6 +129,16 @@ MUTANTS = [
     ("retrieval counts only the pair's own text as found", "clip.py",
      "same = label[:, None] == label[None]  # (N, N)", "same = torch.eye(len(texts), dtype=torch.bool)",
      [CLIP]),
+    ("MaskGIT reveals the least confident", "mlm.py", "return masked & (rank >= n_keep_masked)",
+     "return masked & (rank < masked.sum(1, keepdim=True) - n_keep_masked)", [GEN]),
+    ("the generator's partner rate counts every absent shape", "gen.py",
+     "count = partner if any(PARTNER[a] == s for a in asked) else other",
+     "count = partner", [GEN]),
+    ("MAGE's ratios drawn from the whole Gaussian", "gen.py",
+     "u = ends[0] + (ends[1] - ends[0]) * torch.rand(n, generator=generator)  # (n,)",
+     "u = torch.rand(n, generator=generator)  # (n,)", [GEN]),
+    ("the world's reader ignores the empty template", "data/shapes.py",
+     "        if best:\n            objs.append", "        if True:\n            objs.append", [GEN]),
 ]
 
 
