@@ -60,8 +60,9 @@ class Config:
     cooccur: float = 0.5            # the world's bias (data/shapes.py): the partner a generator may draw
     skew: float = 0.5
     noise: float = 0.0
-    dataset = "shapes"              # not a key: generation is judged against the world's truth
-    data_path = ""
+    dataset = "shapes"              # not keys: generation is judged against the world's truth, and
+    data_path = ""                  # every training caption names every object
+    caption_share = 1.0
 
     def __post_init__(self):
         at_least(self, 1, "img_size", "patch_size", "n_layer", "n_head", "n_embd", "n_train", "n_eval")

@@ -1,4 +1,4 @@
-"""Look at what a trained model does: `python sample.py mae|mim|mlm|vlm|clip [--key=value ...]`.
+"""Look at what a trained model does: `python sample.py mae|mim|mlm|vlm|clip|gen [--key=value ...]`.
 
 mae: a PNG grid, one row per held-out scene (or --image=PATH[,PATH...]):
      original | masked | reconstruction | reconstruction with the visible patches pasted back,
@@ -13,6 +13,8 @@ vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH..
      (default: describe the image.); prints each answer and saves a PNG grid with prompt and answer
      under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
 clip: the same scenes (or --image), each with its three best captions among the split's, and the true one.
+gen: scenes drawn from those scenes' captions (or --prompt="a large red circle"; --steps, --temperature),
+     each with what the world's reader finds in it.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -40,10 +42,10 @@ class SampleConfig:
     scenes: str = ""               # vlm, clip: held-out scene indices, comma-separated (default: the first n)
     split: str = "val"             # vlm, clip: val (the world's bias) | ood (no bias); a folder: train|val
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
-    prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question
+    prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question; gen: a caption
     generate: bool = False         # mlm: write text by unmasking
     method: str = "maskgit"        # mlm: maskgit | mdlm
-    steps: int = 16                # mlm: unmasking steps
+    steps: int = 16                # mlm, gen: unmasking steps
     temperature: float = 1.0       # sampling temperature; 0 = the most likely token
     top_k: int = 0                 # 0 = no cut; --prompt shows max(top_k, 5) candidates
 
@@ -254,6 +256,36 @@ def sample_clip(opts):
     print(f"wrote {out_path}")
 
 
+def sample_gen(opts):
+    """Scenes drawn from held-out captions (--split, --n or --scenes) or from --prompt (a caption of your
+    own; "" draws unconditionally), each with what the world's reader finds in it; a PNG grid."""
+    import gen
+    from data.shapes import caption, read_scene
+    _, model, cfg, ckpt = load("gen", opts)
+    data = gen.Data(cfg, seed=ckpt["config"]["train"]["seed"], verbose=False).read_with(ckpt)
+    if opts.split not in ("val", "ood"):
+        raise UserError(f"--split={opts.split}: choose val or ood")
+    if opts.prompt or opts.image:
+        if opts.image:
+            raise UserError("gen draws pictures; --image has nothing to do here (give --prompt=CAPTION)")
+        texts, names = [opts.prompt] * opts.n, [f"asked: {opts.prompt}"] * opts.n
+    else:
+        _, _, idx = scene_images(opts, cfg, data.source)
+        texts = [caption(data.shapes[opts.split].scene(i)) for i in idx]
+        names = [f"{opts.split} {i}: {t}" for i, t in zip(idx, texts)]
+    drawn = gen.draw(model, texts, opts.steps, opts.temperature, opts.seed)
+    world = data.shapes[opts.split].world
+    lines = []
+    for name, img in zip(names, drawn):
+        objs, dist = read_scene(world, img)
+        read = caption(objs) if len(objs) else "(nothing)"
+        lines.append(f"{name}\ndrawn: {read}\nfarthest cell: {dist.max():.0f}")
+        print(lines[-1].replace("\n", "\n  "))
+    out_path = Path(opts.out_dir or "out-gen") / "sample_gen.png"
+    draw_grid(drawn, lines, out_path)
+    print(f"wrote {out_path}")
+
+
 @torch.no_grad()
 def masks(argv):
     """python sample.py masks RUN_DIR [RUN_DIR ...] OUT.png: the masks of runs of `train.py mim` on the
@@ -289,7 +321,7 @@ def masks(argv):
 
 
 SAMPLERS = {"mae": sample_mae, "mim": partial(sample_mae, idea="mim"), "mlm": sample_mlm,
-            "vlm": sample_vlm, "clip": sample_clip}
+            "vlm": sample_vlm, "clip": sample_clip, "gen": sample_gen}
 
 
 def main(argv):
