@@ -136,6 +136,8 @@ VF = ["vlm", *as_args(FOLDER_TINY), "--batch_size=4", "--eval_iters=1"]  # the s
 # a tiny CLIP run
 C = ["clip", "--img_size=32", "--n_layer=1", "--n_embd=32", "--n_head=2", "--text_n_layer=1",
      "--text_n_embd=32", "--text_n_head=2", "--n_train=64", "--n_eval=16", "--batch_size=4", "--eval_iters=1"]
+G = ["gen", "--img_size=32", "--n_layer=1", "--n_embd=32", "--n_head=2", "--codebook_size=16", "--n_train=64",
+     "--n_eval=16", "--batch_size=4", "--eval_iters=1"]  # a tiny generator run
 CKPTS = ["--ckpt={vlm}/ckpt.pt", "--control_ckpt={vlm}/ckpt.pt", "--n_scenes=8"]  # the study, a tiny VLM
 
 BAD = [  # (script, out_dir kind, arguments, words the message must hold)
@@ -164,6 +166,9 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*C, "--dataset=folder"], "needs --data_path=DIR"),
     ("train", "empty", [*C, "--dataset=folder", "--data_path=x", "--cooccur=0"], "the shapes world's"),
     ("negatives", "empty", ["{vlm}/ckpt.pt"], "'vlm' checkpoint, not 'clip'"),
+    ("train", "empty", [*G, "--mask_min=0"], "mask_min=0.0 must be in (0, 1]"),
+    ("train", "empty", [*G, "--p_uncond=1"], "p_uncond=1.0 must be in [0, 1)"),
+    ("train", "empty", [*G, "--codebook_size=1"], "codebook_size=1 must be at least 2"),
     ("negatives", "empty", ["nowhere.pt", "--split=test"], "choose val or ood"),
     ("train", "trained", [*T, "--max_iters=0"], "max_iters=0 must be at least 1"),
     ("train", "trained", [*T, "--batch_size=-2"], "batch_size=-2 must be at least 1"),
