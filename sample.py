@@ -16,6 +16,7 @@ clip: the same scenes (or --image), each with its three best captions among the 
 gen: scenes drawn from those scenes' captions (or --prompt="a large red circle"; --steps, --temperature),
      each with what the world's reader finds in it.
 """
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -273,8 +274,15 @@ def sample_gen(opts):
         _, _, idx = scene_images(opts, cfg, data.source)
         texts = [caption(data.shapes[opts.split].scene(i)) for i in idx]
         names = [f"{opts.split} {i}: {t}" for i, t in zip(idx, texts)]
+    t0 = time.time()
     drawn = gen.draw(model, texts, opts.steps, opts.temperature, opts.seed)
+    seconds = time.time() - t0
     world = data.shapes[opts.split].world
+    if not (opts.prompt or opts.image):  # held-out captions: judge the lot
+        figures = gen.judge(world, drawn, [data.shapes[opts.split].scene(i) for i in idx])
+        print(f"{len(drawn)} scenes, {opts.steps} steps, temperature {opts.temperature}: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+              + f"; {1000 * seconds / len(drawn):.1f} ms a scene")
     lines = []
     for name, img in zip(names, drawn):
         objs, dist = read_scene(world, img)
