@@ -284,13 +284,13 @@ def sample_gen(opts):
               + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
               + f"; {1000 * seconds / len(drawn):.1f} ms a scene")
     lines = []
-    for name, img in zip(names, drawn):
+    for name, img in zip(names[:16], drawn):  # the grid shows 16 at most
         objs, dist = read_scene(world, img)
         read = caption(objs) if len(objs) else "(nothing)"
         lines.append(f"{name}\ndrawn: {read}\nfarthest cell: {dist.max():.0f}")
         print(lines[-1].replace("\n", "\n  "))
     out_path = Path(opts.out_dir or "out-gen") / "sample_gen.png"
-    draw_grid(drawn, lines, out_path)
+    draw_grid(drawn[:16], lines, out_path)
     print(f"wrote {out_path}")
 
 
