@@ -353,7 +353,8 @@ def finish(module, model, data, run, progress, it_start, elapsed, out_dir):
 
 
 USAGE = """usage: python train.py IDEA [CONFIG_FILE] [--key=value ...]
-IDEA is one of: mae, mim, mlm, vlm, clip, gen. CONFIG_FILE holds `key = value` lines (e.g. config/mae_gpu.conf).
+IDEA is one of: mae, mim, mlm, vlm, clip, gen.
+CONFIG_FILE holds `key = value` lines (e.g. config/mae_gpu.conf).
 Many processes: torchrun --standalone --nproc_per_node=N train.py IDEA ...
 Keys (python train.py IDEA --help lists the idea's own keys too):"""
 

@@ -212,8 +212,10 @@ def cell_box(world, cell):
 def templates(world):
     """Every object the world can draw, alone in each cell -> (objects (1 + K, 3) as (shape, colour,
     size) with row 0 = empty, and per cell its crops (1 + K, h*w*3) float: cells differ by a pixel)."""
-    kinds = [(-1, -1, -1)] + [(s, c, z) for s in range(len(SHAPES)) for c in range(len(COLOURS))
-                              for z in range(len(SIZES))]
+    kinds = [(-1, -1, -1)]  # (shape, colour, size); nothing first
+    for shape in range(len(SHAPES)):
+        for colour in range(len(COLOURS)):
+            kinds += [(shape, colour, size) for size in range(len(SIZES))]
     crops = []
     for cell in range(world.grid ** 2):
         box = cell_box(world, cell)

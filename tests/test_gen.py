@@ -29,7 +29,7 @@ def test_tokenizer_round_trip_puts_each_code_back():
     ids = torch.randint(0, 16, (2, 16)) + model.text_vocab  # two 32 px images, 16 patches each
     images = model.pixels(ids)  # (2, 32, 32, 3) uint8
     back = model.codes(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1))
-    assert torch.equal(back, ids)  # each patch nearest its own code again: codes differ far more than rounding
+    assert torch.equal(back, ids)  # each patch nearest its own code: codes differ far more than rounding
 
 
 def test_mage_ratios_lie_in_their_range_and_centre_where_they_should():
