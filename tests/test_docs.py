@@ -11,8 +11,8 @@ from lib.config import parse_overrides
 from tests.conftest import ROOT
 
 COMMAND = re.compile(r"`(python (?:train\.py|sample\.py|hallucination\.py|bench\.py|-m study\.\w+)[^`]*)`")
-GRADED = ("mae.md", "mim.md", "clip.md", "mlm.md", "vlm.md", "hallucination.md", "causes.md", "cures.md",
-          "training.md", "own-data.md")
+GRADED = ("mae.md", "mim.md", "clip.md", "mlm.md", "gen.md", "vlm.md", "hallucination.md", "causes.md",
+          "cures.md", "training.md", "own-data.md")
 REWRITE = re.compile(r"\*\*Write `(\w+)` again\.\*\* Delete its body in `([\w/.]+)`")
 GRADER = re.compile(r"`python -m pytest -q (tests/[\w.]+) -k (\"[^\"]+\"|\w+)`")
 
