@@ -23,13 +23,11 @@ partner its biased world taught it to expect (a square beside a circle nobody as
 Read `Config`, `GEN.codes` and `GEN.forward` (MAGE's masking), `GEN.logits`, `draw` (mlm.unmask over the
 image positions), then `judge` and `evaluate`. docs/gen.md has the lessons.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from clip import Data as CaptionData
 from data import to_tensor

@@ -15,8 +15,6 @@ on words alone). Its fair score is the last column: what the image adds to the c
 log p(caption | image) - log p(caption | blank) (pointwise mutual information, the quantity contrastive
 decoding amplifies).
 """
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

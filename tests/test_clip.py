@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import clip
-from data.shapes import NEGATIVES, PARTNER, SHAPES, ShapesSplit, World, caption, negative, parse_caption
+from data.shapes import NEGATIVES, PARTNER, ShapesSplit, World, caption, negative, parse_caption
 from tests.conftest import as_args, overfit, run
 
 TINY = dict(img_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32, text_n_layer=1, text_n_head=2,
