@@ -97,7 +97,7 @@ class Config:
             read_folder(self.data_path)
 
 
-# about 4 minutes on 2 CPU cores alone (docs/clip.md); batch_size = image-caption pairs, the N of N-way
+# about 23 min on one CPU thread (EPYC-25, docs/clip.md); batch_size = image-caption pairs, the N of N-way
 train_defaults = dict(batch_size=128, lr=1e-3, min_lr=1e-4, max_iters=1500, warmup_iters=100,
                       weight_decay=0.1, eval_interval=250, eval_iters=4)
 

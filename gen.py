@@ -76,7 +76,7 @@ class Config:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
 
 
-# batch_size = images
+# 26 min on one CPU thread beside two other jobs (EPYC-25, docs/gen.md); batch_size = images
 train_defaults = dict(batch_size=32, lr=1e-3, min_lr=1e-4, max_iters=3000, warmup_iters=100,
                       weight_decay=0.05, eval_interval=500, eval_iters=4)
 
