@@ -249,9 +249,9 @@ def evaluate(model, data, device, steps=12):
         scenes = [shapes.scene(i) for i in range(len(shapes))]
         drawn = draw(model, [caption(s) for s in scenes], steps)
         out.update({f"{split}_{k}": v for k, v in judge(shapes.world, drawn, scenes).items()})
-    free = draw(model, [""] * 100, steps)
-    out["uncond_distance"] = float(np.mean([read_scene(data.shapes["val"].world, x)[1].mean() for x in free]))
-    out["uncond_objects"] = float(np.mean([len(read_scene(data.shapes["val"].world, x)[0]) for x in free]))
+    readings = [read_scene(data.shapes["val"].world, x) for x in draw(model, [""] * 100, steps)]
+    out["uncond_distance"] = float(np.mean([dist.mean() for _, dist in readings]))
+    out["uncond_objects"] = float(np.mean([len(objs) for objs, _ in readings]))
     return out
 
 
