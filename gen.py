@@ -34,7 +34,7 @@ from data import to_tensor
 from data.pairs import shapes_tokenizer
 from data.shapes import PARTNER, SHAPES, ShapesSplit, World, caption, object_match, read_scene
 from lib.common import UserError, at_least, divisible
-from mae import Block, get_1d_sincos_pos_embed, init_weights, patchify, unpatchify
+from mae import Block, get_1d_sincos_pos_embed, init_weights, patchify, probes, unpatchify
 from mim import kmeans, nearest_code
 from mlm import masked_loss, unmask
 
@@ -124,8 +124,12 @@ class GEN(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.codebook_size)
+        self.reinit()
+
+    def reinit(self):
+        """The weights drawn afresh (the codebook, a fitted tokenizer, stays)."""
         self.apply(init_weights)
-        nn.init.normal_(self.wte.weight, std=D ** -0.5)  # as in vlm.py: tokens and sin-cos on equal terms
+        nn.init.normal_(self.wte.weight, std=self.cfg.n_embd ** -0.5)  # as in vlm.py: tokens, sin-cos alike
 
     def codes(self, images):
         """(N, 3, H, W) in [-1, 1] -> (N, L) ids of each patch's nearest code, offset past the words."""
@@ -144,14 +148,18 @@ class GEN(nn.Module):
         pad = torch.full((len(text), MAX_CAPTION - text.shape[1]), self.pad_id, device=text.device)
         return torch.cat([text, pad, image_ids], dim=1)
 
-    def logits(self, ids):
-        """(N, T) ids -> (N, T, V) logits over the whole vocabulary, every id but the image codes at -inf
-        (so mlm.unmask draws codes only). Padding is never attended to."""
+    def hidden(self, ids):
+        """(N, T) ids -> (N, T, D) the last block's states, normalised. Padding is never attended to."""
         x = self.wte(ids) + self.wpe[:ids.shape[1]]  # (N, T, D)
         attend = (ids != self.pad_id)[:, None, None, :]  # (N, 1, 1, T): keys that are not padding
         for blk in self.blocks:
             x = blk(x, attend)
-        codes = self.head(self.ln_f(x)).float()  # (N, T, K)
+        return self.ln_f(x)
+
+    def logits(self, ids):
+        """(N, T) ids -> (N, T, V) logits over the whole vocabulary, every id but the image codes at -inf
+        (so mlm.unmask draws codes only)."""
+        codes = self.head(self.hidden(ids)).float()  # (N, T, K)
         words = torch.full((*codes.shape[:2], self.text_vocab), float("-inf"), device=codes.device)
         return torch.cat([words, codes], dim=-1)  # (N, T, V)
 
@@ -173,6 +181,24 @@ class GEN(nn.Module):
 
 
 Model = GEN
+
+
+class Encoder(nn.Module):
+    """MAGE's other half: the generator read as an encoder. A whole image (no caption, nothing hidden)
+    -> its codes' states, for mae.probes beside the MAE's encoder."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        """(N, 3, H, W) -> ((N, L, D),): the states at the image positions (no cls token here)."""
+        m = self.model
+        no_caption = torch.full((len(images), 0), m.pad_id, dtype=torch.long, device=images.device)
+        return (m.hidden(m.sequence(no_caption, m.codes(images)))[:, MAX_CAPTION:],)
+
+    def reinit(self):
+        self.model.reinit()
 
 
 @torch.no_grad()
@@ -240,10 +266,12 @@ def codebook_figures(model, data, n=500):
             "round_trip_exact": exact / n}
 
 
-def evaluate(model, data, device, steps=12):
+def evaluate(model, data, device, steps=12, n_probe=4000):
     """The tokenizer's ceiling, then scenes drawn from the held-out captions of val (the bias) and ood
-    (the bias broken), judged; and unconditional scenes, judged by their distance to anything real."""
+    (the bias broken), judged; unconditional scenes, judged by their distance to anything real; and
+    MAGE's other half, the same model probed as an encoder (mae.probes: beside a random-init GEN)."""
     out = codebook_figures(model, data)
+    out.update(probes(Encoder(model), "gen", data, device, n_probe))
     for split in ("val", "ood"):
         shapes = data.shapes[split]
         scenes = [shapes.scene(i) for i in range(len(shapes))]

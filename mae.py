@@ -262,6 +262,11 @@ class ViTEncoder(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def reinit(self):
+        """Weights drawn afresh, as a new MAE draws them: the probes' random-init control."""
+        self.apply(init_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+
 
 class MAE(nn.Module):
     def __init__(self, cfg):
@@ -349,8 +354,10 @@ class Data:
 
 @torch.no_grad()
 def features(encoder, images, device, chunk=256):
-    """Mean-pooled patch tokens of a frozen encoder, no masking -> (N, D)."""
-    out = [encoder(to_tensor(images[i:i + chunk], device))[0][:, 1:].mean(1).float().cpu()
+    """Mean-pooled patch tokens of a frozen encoder, no masking -> (N, D). An encoder with a cls token
+    returns it first; it is not a patch."""
+    first = 0 if getattr(encoder, "cls_token", None) is None else 1
+    out = [encoder(to_tensor(images[i:i + chunk], device))[0][:, first:].mean(1).float().cpu()
            for i in range(0, len(images), chunk)]
     return torch.cat(out)
 
@@ -401,8 +408,8 @@ def probes(encoder, name, data, device, n_probe=4000):
     train, test = data.shapes["train"], data.shapes["val"]
     n = min(n_probe, len(train))
     torch.manual_seed(0)  # the random-init control: this encoder's shapes, the same draw for every model
-    random_encoder = copy.deepcopy(encoder).apply(init_weights)
-    nn.init.normal_(random_encoder.cls_token, std=0.02)
+    random_encoder = copy.deepcopy(encoder)
+    random_encoder.reinit()
 
     def pixels(images):  # (N, H, W, 3) uint8 -> (N, 3*H/4*W/4): 4x4-pooled raw pixels
         return F.avg_pool2d(torch.from_numpy(np.array(images)).float().permute(0, 3, 1, 2), 4).flatten(1)

@@ -139,6 +139,10 @@ MUTANTS = [
      "u = torch.rand(n, generator=generator)  # (n,)", [GEN]),
     ("the world's reader ignores the empty template", "data/shapes.py",
      "        if best:\n            objs.append", "        if True:\n            objs.append", [GEN]),
+    ("the MAGE encoder pools the empty caption slots with the image", "gen.py",
+     "m.codes(images)))[:, MAX_CAPTION:],)", "m.codes(images))),)", [GEN]),
+    ("the probes skip the first patch of an encoder without a cls token", "mae.py",
+     'first = 0 if getattr(encoder, "cls_token", None) is None else 1', "first = 1", [GEN]),
 ]
 
 

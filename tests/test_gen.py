@@ -1,6 +1,7 @@
 """gen.py: the tokenizer's round trip, MAGE's mask ratios, MaskGIT's schedule and its most-confident
 rule against hand computations, the world's reader exact on rendered scenes, the judge's figures by
 hand, and a tiny model that learns a batch."""
+import copy
 import math
 
 import numpy as np
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import gen
+from data import to_tensor
 from data.shapes import ShapesSplit, World, caption, read_scene, render
+from mae import features
 from mlm import most_confident, unmask
 from tests.conftest import as_args, overfit, run
 
@@ -122,10 +125,27 @@ def test_a_tiny_model_learns_a_batch_and_draws_only_codes():
     assert drawn.shape == (2, 32, 32, 3) and drawn.dtype == np.uint8
 
 
+def test_mage_encoder_pools_the_image_codes_and_its_control_keeps_the_codebook():
+    model, data = tiny()
+    images = data.shapes["val"].images[:4]
+    encoder = gen.Encoder(model)
+    states = encoder(to_tensor(images, "cpu"))[0]
+    assert states.shape == (4, 16, 32)  # the 16 image positions only: no caption slot, no cls token
+    assert torch.allclose(features(encoder, images, "cpu"), states.mean(1), atol=1e-6)  # all 16 pooled
+    hidden_once = encoder(to_tensor(images[:1], "cpu"))[0]
+    assert torch.allclose(hidden_once, states[:1], atol=1e-5)  # nothing hidden at random: it reads the same
+    control = copy.deepcopy(encoder)
+    control.reinit()
+    assert torch.equal(control.model.codebook, model.codebook)  # the tokenizer is not what is controlled
+    assert not torch.equal(control.model.wte.weight, model.wte.weight)
+    assert not torch.equal(control.model.head.weight, model.head.weight)
+
+
 def test_train_gen_end_to_end(tmp_path):
     out = tmp_path / "gen"
     run("train.py", "gen", *as_args(TINY), "--batch_size=8", "--max_iters=4", "--eval_interval=4",
         "--eval_iters=1", f"--out_dir={out}")
     metrics = (out / "metrics.json").read_text()
-    for key in ("round_trip_exact", "val_f1", "ood_partner", "ood_other", "uncond_distance"):
+    for key in ("round_trip_exact", "val_f1", "ood_partner", "ood_other", "uncond_distance",
+                "probe_shape_gen", "probe_shape_random_init"):
         assert f'"{key}"' in metrics
