@@ -202,8 +202,9 @@ class Encoder(nn.Module):
 
 
 @torch.no_grad()
-def draw(model, texts, steps=12, temperature=1.0, seed=0, chunk=250):
-    """Captions (a list; "" draws unconditionally) -> (N, H, W, 3) uint8 scenes drawn by unmasking."""
+def draw(model, texts, steps=12, temperature=1.0, seed=0, method="maskgit", chunk=250):
+    """Captions (a list; "" draws unconditionally) -> (N, H, W, 3) uint8 scenes drawn by unmasking, the
+    most confident codes first (maskgit) or in a random order (mdlm: masked diffusion's sampler)."""
     device = next(model.parameters()).device
     model.eval()
     torch.manual_seed(seed)
@@ -215,7 +216,7 @@ def draw(model, texts, steps=12, temperature=1.0, seed=0, chunk=250):
             x = (model.tok.encode(" " + t) + [model.tok.eot_id])[:MAX_CAPTION] if t else []
             text[r, :len(x)] = torch.tensor(x, dtype=torch.long)
         blank = torch.full((len(part), model.n_image), model.mask_id, device=device)
-        filled = unmask(model, model.sequence(text, blank), steps, "maskgit", temperature)
+        filled = unmask(model, model.sequence(text, blank), steps, method, temperature)
         out.append(model.pixels(filled[:, MAX_CAPTION:]))
     model.train()
     return np.concatenate(out)

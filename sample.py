@@ -13,7 +13,8 @@ vlm: held-out scenes (--scenes=0,5,9 of --split=val|ood) or --image=PATH[,PATH..
      (default: describe the image.); prints each answer and saves a PNG grid with prompt and answer
      under each image. An --objective=mlm model fills the [MASK] blanks of a caption instead.
 clip: the same scenes (or --image), each with its three best captions among the split's, and the true one.
-gen: scenes drawn from those scenes' captions (or --prompt="a large red circle"; --steps, --temperature),
+gen: scenes drawn from those scenes' captions (or --prompt="a large red circle"; --steps, --temperature,
+     --method=maskgit|mdlm),
      each with what the world's reader finds in it.
 """
 import time
@@ -45,7 +46,7 @@ class SampleConfig:
     mask_ratio: float = -1.0       # mae: -1 = the ratio the model trained with
     prompt: str = ""               # mlm: text with [MASK] blanks; vlm: the question; gen: a caption
     generate: bool = False         # mlm: write text by unmasking
-    method: str = "maskgit"        # mlm: maskgit | mdlm
+    method: str = "maskgit"        # mlm, gen: maskgit (the most confident first) | mdlm (a random order)
     steps: int = 16                # mlm, gen: unmasking steps
     temperature: float = 1.0       # sampling temperature; 0 = the most likely token
     top_k: int = 0                 # 0 = no cut; --prompt shows max(top_k, 5) candidates
@@ -56,6 +57,7 @@ class SampleConfig:
         if self.mask_ratio != -1 and not 0 <= self.mask_ratio < 1:
             raise UserError(f"mask_ratio={self.mask_ratio} must be in [0, 1), or -1 for the model's own")
         one_of(self, "split", ("train", "val", "ood"))
+        one_of(self, "method", ("maskgit", "mdlm"))
         pick_device(self.device)
 
 
@@ -139,7 +141,6 @@ def sample_mae(opts, idea="mae"):
 @torch.no_grad()
 def sample_mlm(opts):
     from mlm import unmask
-    one_of(opts, "method", ("maskgit", "mdlm"))
     _, model, cfg, _ = load("mlm", opts)
     tok, device = model.tok, next(model.parameters()).device
     if not opts.prompt and not opts.generate:
@@ -275,12 +276,12 @@ def sample_gen(opts):
         texts = [caption(data.shapes[opts.split].scene(i)) for i in idx]
         names = [f"{opts.split} {i}: {t}" for i, t in zip(idx, texts)]
     t0 = time.time()
-    drawn = gen.draw(model, texts, opts.steps, opts.temperature, opts.seed)
+    drawn = gen.draw(model, texts, opts.steps, opts.temperature, opts.seed, opts.method)
     seconds = time.time() - t0
     world = data.shapes[opts.split].world
     if not (opts.prompt or opts.image):  # held-out captions: judge the lot
         figures = gen.judge(world, drawn, [data.shapes[opts.split].scene(i) for i in idx])
-        print(f"{len(drawn)} scenes, {opts.steps} steps, temperature {opts.temperature}: "
+        print(f"{len(drawn)} scenes, {opts.method}, {opts.steps} steps, temperature {opts.temperature}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
               + f"; {1000 * seconds / len(drawn):.1f} ms a scene")
     lines = []

@@ -224,6 +224,7 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("sample", "trained", ["mlm", "--steps=0"], "steps=0 must be at least 1"),
     ("sample", "trained", ["mlm", "--top_k=-3"], "top_k=-3"),
     ("sample", "trained", ["mlm", "--temperature=-1"], "temperature=-1.0"),
+    ("sample", "trained", ["mlm", "--method=beam"], "method='beam'"),
     ("sample", "trained", ["mae", "--device=cuda"], "no CUDA GPU"),
     ("sample", "trained", ["mae", "--image={notar}"], "cannot read image"),
     ("sample", "partial", ["mae"], "lacks optimizer"),

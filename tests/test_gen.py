@@ -121,8 +121,9 @@ def test_a_tiny_model_learns_a_batch_and_draws_only_codes():
     start = model(batch)[0].item()
     loss, _ = overfit(model, batch, 200)
     assert loss.item() < 0.3 * start
-    drawn = gen.draw(model, [caption(data.shapes["train"].scene(0)), ""], steps=4)
-    assert drawn.shape == (2, 32, 32, 3) and drawn.dtype == np.uint8
+    for method in ("maskgit", "mdlm"):
+        drawn = gen.draw(model, [caption(data.shapes["train"].scene(0)), ""], steps=4, method=method)
+        assert drawn.shape == (2, 32, 32, 3) and drawn.dtype == np.uint8
 
 
 def test_mage_encoder_pools_the_image_codes_and_its_control_keeps_the_codebook():
