@@ -228,11 +228,13 @@ def draw(model, texts, steps=12, temperature=1.0, seed=0, method="maskgit", chun
 def judge(world, images, scenes):
     """Drawn images against the scenes their captions describe -> {precision, recall, f1 of objects
     (shape, colour and size right), exact (every object right and nothing else), partner: the share of
-    absent partners drawn, other: the share of other absent shapes drawn, distance: the mean distance
-    of a drawn cell to its nearest reading}."""
+    absent partners drawn, other: the share of other absent shapes drawn, partner_added and other_added:
+    the same, counting only drawings that also keep every shape asked for (the unasked shape is an
+    extra object, not a stand-in for one asked), distance: the mean distance of a drawn cell to its
+    nearest reading}."""
     tp = said = truth = exact = 0
-    partner = [0, 0]  # [drawn, chances]: shapes the caption did not ask for that partner one it did
-    other = [0, 0]  # [drawn, chances]: every other shape it did not ask for
+    partner = [0, 0, 0]  # [drawn, drawn as an extra, chances]: absent shapes that partner one asked for
+    other = [0, 0, 0]  # the same for every other absent shape
     distance = []
     for img, objs in zip(images, scenes):
         drawn, dist = read_scene(world, img)
@@ -240,15 +242,18 @@ def judge(world, images, scenes):
         hit, n_said, n_true = object_match(drawn[:, [2, 1, 0]].tolist(), objs)
         tp, said, truth = tp + hit, said + n_said, truth + n_true
         exact += hit == n_said == n_true
-        asked = set(objs[:, 0].tolist())
-        for s in set(range(len(SHAPES))) - asked:
+        asked, shapes_drawn = objs[:, 0].tolist(), drawn[:, 0].tolist()
+        kept = all(shapes_drawn.count(a) >= asked.count(a) for a in set(asked))  # nothing asked is missing
+        for s in set(range(len(SHAPES))) - set(asked):
             count = partner if any(PARTNER[a] == s for a in asked) else other
-            count[0] += s in set(drawn[:, 0].tolist())
-            count[1] += 1
+            count[0] += s in shapes_drawn
+            count[1] += s in shapes_drawn and kept
+            count[2] += 1
     precision, recall = tp / max(said, 1), tp / max(truth, 1)
     return {"precision": precision, "recall": recall,
             "f1": 2 * precision * recall / max(precision + recall, 1e-9), "exact": exact / len(images),
-            "partner": partner[0] / max(partner[1], 1), "other": other[0] / max(other[1], 1),
+            "partner": partner[0] / max(partner[2], 1), "other": other[0] / max(other[2], 1),
+            "partner_added": partner[1] / max(partner[2], 1), "other_added": other[1] / max(other[2], 1),
             "distance": float(np.mean(distance))}
 
 

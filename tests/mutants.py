@@ -143,6 +143,8 @@ MUTANTS = [
      "m.codes(images)))[:, MAX_CAPTION:],)", "m.codes(images))),)", [GEN]),
     ("the probes skip the first patch of an encoder without a cls token", "mae.py",
      'first = 0 if getattr(encoder, "cls_token", None) is None else 1', "first = 1", [GEN]),
+    ("the judge counts a partner drawn instead of the shape asked as one drawn beside it", "gen.py",
+     "count[1] += s in shapes_drawn and kept", "count[1] += s in shapes_drawn", [GEN]),
 ]
 
 

@@ -104,13 +104,16 @@ def test_judge_figures_by_hand():
     world = World(img_size=64)
     asked = np.array([[0, 0, 1, 0]])  # a large red circle, top left
     drawn_right = render(world, asked)
-    # drawn: the circle and, unasked, its partner (a square) and a star
-    extra = np.array([[0, 0, 1, 0], [1, 2, 0, 4], [4, 3, 1, 8]])
-    drawn_extra = render(world, extra)
-    out = gen.judge(world, [drawn_right, drawn_extra], [asked, asked])
-    assert out["recall"] == 1.0 and out["precision"] == pytest.approx(2 / 4) and out["exact"] == 0.5
-    assert out["partner"] == pytest.approx(1 / 2)  # the square: asked once of two scenes
-    assert out["other"] == pytest.approx(1 / 8)  # of 4 other absent shapes per scene, the star once
+    # drawn: the circle and, unasked, its partner (a square) and a star: extra objects
+    drawn_extra = render(world, np.array([[0, 0, 1, 0], [1, 2, 0, 4], [4, 3, 1, 8]]))
+    drawn_instead = render(world, np.array([[1, 0, 1, 0]]))  # a square where the circle should be
+    out = gen.judge(world, [drawn_right, drawn_extra, drawn_instead], [asked, asked, asked])
+    assert out["recall"] == pytest.approx(2 / 3) and out["precision"] == pytest.approx(2 / 5)
+    assert out["exact"] == pytest.approx(1 / 3)
+    assert out["partner"] == pytest.approx(2 / 3)  # the square: drawn unasked in two of three scenes
+    assert out["partner_added"] == pytest.approx(1 / 3)  # ... once beside the circle, once instead of it
+    assert out["other"] == pytest.approx(1 / 12)  # of 4 other absent shapes per scene, the star once
+    assert out["other_added"] == pytest.approx(1 / 12)
     assert out["distance"] == pytest.approx(0.0)
 
 
