@@ -52,7 +52,7 @@ class Config:
     n_embd: int = 128
     mlp_ratio: float = 4.0
     mask_min: float = 0.5           # MAGE: the share hidden is drawn from [mask_min, 1]
-    p_uncond: float = 0.1           # share of training images whose caption is dropped
+    p_uncond: float = 0.1           # share of training images whose caption is dropped (1: MAGE's own, none)
     n_train: int = 20000            # training scenes (the VLM's: the same cache)
     n_eval: int = 500               # held-out scenes per split (val, ood)
     cooccur: float = 0.5            # the world's bias (data/shapes.py): the partner a generator may draw
@@ -70,8 +70,8 @@ class Config:
         divisible(self, "n_embd", "n_head")
         if not 0 < self.mask_min <= 1:
             raise UserError(f"mask_min={self.mask_min} must be in (0, 1]")
-        if not 0 <= self.p_uncond < 1:
-            raise UserError(f"p_uncond={self.p_uncond} must be in [0, 1)")
+        if not 0 <= self.p_uncond <= 1:
+            raise UserError(f"p_uncond={self.p_uncond} must be in [0, 1]")
         if not 0 <= self.cooccur <= 1:
             raise UserError(f"cooccur={self.cooccur} must be in [0, 1]")
 

@@ -167,7 +167,7 @@ BAD = [  # (script, out_dir kind, arguments, words the message must hold)
     ("train", "empty", [*C, "--dataset=folder", "--data_path=x", "--cooccur=0"], "the shapes world's"),
     ("negatives", "empty", ["{vlm}/ckpt.pt"], "'vlm' checkpoint, not 'clip'"),
     ("train", "empty", [*G, "--mask_min=0"], "mask_min=0.0 must be in (0, 1]"),
-    ("train", "empty", [*G, "--p_uncond=1"], "p_uncond=1.0 must be in [0, 1)"),
+    ("train", "empty", [*G, "--p_uncond=1.5"], "p_uncond=1.5 must be in [0, 1]"),
     ("train", "empty", [*G, "--codebook_size=1"], "codebook_size=1 must be at least 2"),
     ("negatives", "empty", ["nowhere.pt", "--split=test"], "choose val or ood"),
     ("train", "trained", [*T, "--max_iters=0"], "max_iters=0 must be at least 1"),
